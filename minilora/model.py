@@ -1,0 +1,376 @@
+"""One decoder for Gemma 3 text models and the Llama family, switched by `ModelConfig` flags.
+
+Parameter names are the checkpoint's own (`model.layers.3.self_attn.q_proj.weight`), so loading is a
+strict key-by-key copy (see `checkpoint.py`). The forward pass can
+
+* return logits only at chosen positions (`logits_at`): a 262k vocabulary makes full logits the
+  biggest cost of a short label, so training and scoring project only where they need to;
+* attend to keys / values computed earlier (`cache`): generation appends to it, and a shared prompt
+  prefix is computed once and attended to by every row of a batch (its batch dimension may be 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig, RopeConfig
+
+
+# ----------------------------------------------------------------------------------------- numerics
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
+    """RMSNorm in fp32. Gemma: x_hat * (1 + w), multiplied before the cast back; Llama: w * cast(x_hat)."""
+    x_float = x.float()
+    x_hat = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (x_hat * (1.0 + weight.float())).to(x.dtype)
+    return weight * x_hat.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool):
+        super().__init__()
+        # with the unit offset, w is stored zero-centred: zeros are the identity scale
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps, self.unit_offset)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | None = None) -> Tensor:
+    """Inverse frequencies (head_dim / 2,) with linear or llama3 scaling (Llama 3.1 paper, sec. 3)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_context = rope.original_max_position_embeddings
+        low_freq_wavelen = old_context / rope.low_freq_factor
+        high_freq_wavelen = old_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(in_band, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos / sin of shape (B, 1, T, head_dim) in the rotate-half layout of HF checkpoints."""
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2), fp32 for long contexts
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+@dataclass
+class KVCache:
+    """Keys / values of earlier tokens, per layer. Immutable: a forward returns a new, longer cache.
+
+    A batch dimension of 1 is broadcast over the batch, which is how a shared prompt prefix is reused.
+    """
+
+    layers: list[tuple[Tensor, Tensor]]  # per layer: (B or 1, n_kv, S, head_dim) keys and values
+    positions: Tensor  # (B or 1, S) position id of each cached key
+    valid: Tensor  # (B or 1, S) False at padding
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+
+@dataclass
+class DecoderOutput:
+    logits: Tensor | None  # (B, T, V), (B, V) for "last", (N, V) for a position selection, None for "none"
+    hidden: Tensor  # (B, T, H) final-normed hidden states
+    cache: KVCache | None  # only when use_cache=True
+
+
+# ------------------------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
+        self.softcap = cfg.attn_logit_softcap
+        self.layer_type = layer_type
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # Gemma 3 normalises q and k over head_dim before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            past_k, past_v = past
+            k = torch.cat((past_k.expand(batch, -1, -1, -1), k), dim=2)  # (B, n_kv, S + T, hd)
+            v = torch.cat((past_v.expand(batch, -1, -1, -1), v), dim=2)
+        present = (k, v)
+        if self.num_kv_heads != self.num_heads:  # grouped-query attention
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        else:
+            out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.o_proj(out), present
+
+
+def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:
+    """Explicit attention for configs with tanh soft-capping of the scores (not expressible in SDPA)."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU for Llama, GeGLU (tanh GELU) for Gemma."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gelu = cfg.mlp_activation == "gelu_tanh"
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. Llama's `post_attention_layernorm` is the norm *before* the MLP; with sandwich
+    norms (Gemma 2/3) it normalises the attention output, and two more norms wrap the MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.self_attn = Attention(cfg, layer_type)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn_out)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+# ------------------------------------------------------------------------------------------- masks
+
+
+def build_attention_mask(
+    query_positions: Tensor, key_positions: Tensor, key_valid: Tensor, window: int | None
+) -> Tensor:
+    """Boolean mask (B, 1, T, S), True where query i may attend to key j: causal by position id,
+    inside the sliding window (i - window < j) and not padding. A query that sees no key (a padding
+    query under left padding) is allowed to see itself so SDPA never produces NaN rows."""
+    q_pos, k_pos = query_positions[:, :, None], key_positions[:, None, :]
+    allowed = (k_pos <= q_pos) & key_valid[:, None, :]
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    empty_rows = ~allowed.any(-1, keepdim=True)
+    if bool(empty_rows.any()):
+        own_key = torch.zeros_like(allowed)
+        length = query_positions.shape[1]
+        own_key[:, :, -length:] = torch.eye(length, dtype=torch.bool, device=allowed.device)
+        allowed |= empty_rows & own_key
+    return allowed[:, None]
+
+
+def _is_right_padded(mask: Tensor) -> bool:
+    """True when every row is 1...1 0...0, so a plain causal mask is exact for the real tokens."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and the final norm: checkpoint names under `model.`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kind) for kind in cfg.layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model. `forward` is the single entry point for training, scoring and
+    generation; `gradient_checkpointing` recomputes each block in backward (non-reentrant)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self._inv_freq: dict[tuple[str, torch.device], Tensor] = {}
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _rope(self, kind: str, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        rope = self.config.rope_local if kind == "sliding_attention" else self.config.rope_global
+        key = (kind, positions.device)
+        if key not in self._inv_freq:  # not a buffer: survives meta-device construction and .to()
+            self._inv_freq[key] = rope_inverse_frequencies(rope, self.config.head_dim, positions.device)
+        return rope_cos_sin(self._inv_freq[key], positions, dtype)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        h = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:  # scale cast to the activation dtype first, as Gemma does
+            h = h * torch.tensor(self.config.embed_scale, dtype=h.dtype)
+        return h
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """LM head (+ final soft-capping); call it only on the positions whose logits you need."""
+        logits = self.lm_head(hidden)
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # --- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+        logits_at: str | Tensor = "all",
+    ) -> DecoderOutput:
+        """input_ids (B, T); attention_mask (B, T) 1 for real tokens; position ids default to the
+        count of real tokens before each one (so left padding does not shift positions).
+
+        logits_at: "all" -> (B, T, V); "last" -> (B, V); "none" -> no LM head;
+        a bool (B, T) mask or an index tensor over the flattened (B*T) positions -> (N, V).
+        """
+        batch, length = input_ids.shape
+        device = input_ids.device
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if position_ids is None:
+            start = cache.positions.max(dim=1, keepdim=True).values + 1 if cache is not None else 0
+            position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0) + start
+        position_ids = position_ids.expand(batch, -1)
+
+        masks = self._masks(position_ids, valid, cache, attention_mask)
+        h = self.embed(input_ids)
+        ropes = {kind: self._rope(kind, position_ids, h.dtype) for kind in set(self.config.layer_types)}
+        presents = []
+        for index, layer in enumerate(self.model.layers):
+            kind = self.config.layer_types[index]
+            cos, sin = ropes[kind]
+            past = cache.layers[index] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, present = checkpoint(layer, h, cos, sin, masks[kind], past, use_reentrant=False)
+            else:
+                h, present = layer(h, cos, sin, masks[kind], past)
+            presents.append(present)
+        h = self.model.norm(h)
+
+        new_cache = None
+        if use_cache:
+            old_pos = cache.positions.expand(batch, -1) if cache is not None else position_ids[:, :0]
+            old_valid = cache.valid.expand(batch, -1) if cache is not None else valid[:, :0]
+            new_cache = KVCache(
+                presents, torch.cat((old_pos, position_ids), dim=1), torch.cat((old_valid, valid), dim=1)
+            )
+        return DecoderOutput(self._logits(h, logits_at, device), h, new_cache)
+
+    def _logits(self, h: Tensor, logits_at: str | Tensor, device: torch.device) -> Tensor | None:
+        if isinstance(logits_at, str):
+            if logits_at == "all":
+                return self.project(h)
+            if logits_at == "last":
+                return self.project(h[:, -1])
+            if logits_at == "none":
+                return None
+            raise ValueError(f"logits_at={logits_at!r}: expected 'all', 'last', 'none' or a position tensor")
+        flat = h.reshape(-1, h.shape[-1])
+        if logits_at.dtype == torch.bool:
+            return self.project(flat[logits_at.reshape(-1).to(device)])
+        return self.project(flat[logits_at.to(device)])
+
+    def _masks(
+        self, positions: Tensor, valid: Tensor, cache: KVCache | None, attention_mask: Tensor | None
+    ) -> dict[str, Tensor | None]:
+        """One mask per layer kind, or None where SDPA's built-in causal mask is exact (the fast path:
+        no cache, right padding only, sequence inside the sliding window)."""
+        length = positions.shape[1]
+        window = self.config.sliding_window
+        plain_causal = cache is None and (attention_mask is None or _is_right_padded(attention_mask))
+        if cache is not None:
+            key_pos = torch.cat((cache.positions.expand(positions.shape[0], -1), positions), dim=1)
+            key_valid = torch.cat((cache.valid.expand(positions.shape[0], -1), valid), dim=1)
+        else:
+            key_pos, key_valid = positions, valid
+        masks: dict[str, Tensor | None] = {}
+        for kind in set(self.config.layer_types):
+            kind_window = window if kind == "sliding_attention" else None
+            if plain_causal and (kind_window is None or length <= kind_window):
+                masks[kind] = None
+            else:
+                masks[kind] = build_attention_mask(positions, key_pos, key_valid, kind_window)
+        return masks
+
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Distinct parameters (a tied lm_head counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
