@@ -1,0 +1,195 @@
+"""Loading checkpoints: local folders (single and sharded), the Hub cache offline, and clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from minilora.checkpoint import CheckpointError, load_model, resolve_checkpoint
+from minilora.config import ConfigError
+from minilora.tokenizer import Tokenizer
+from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config
+
+
+def write_tiny_tokenizer(folder, vocab_size=128, chat_template=None):
+    """A word-level tokenizer.json whose post-processor adds <bos>, plus tokenizer_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<eot>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<bos>", "<eos>", "<eot>"])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    if chat_template:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def save_tiny(folder, hf, **save_kwargs):
+    hf.save_pretrained(folder, **save_kwargs)
+    write_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    hf = hf_model(tiny_llama_config(bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    return save_tiny(tmp_path_factory.mktemp("llama"), hf), hf
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_local_folder_loads_to_transformers_logits(tmp_path, family, sharded):
+    config = tiny_llama_config() if family == "llama" else tiny_gemma_config()
+    hf = hf_model(config)
+    save_tiny(tmp_path, hf, **({"max_shard_size": "40KB"} if sharded else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    model = load_model(tmp_path).model
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(ids).logits - hf(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_dtype_is_a_parameter(llama_dir):
+    folder, _ = llama_dir
+    model = load_model(folder, dtype=torch.bfloat16).model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_per_layer_hook_sees_each_loaded_layer(llama_dir):
+    folder, _ = llama_dir
+    seen = []
+    load_model(folder, on_layer_loaded=lambda layer: seen.append(layer.self_attn.q_proj.weight.is_meta))
+    assert seen == [False, False, False]
+
+
+def _copy(folder, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_missing_config_is_a_clear_error(llama_dir, tmp_path):
+    folder = _copy(llama_dir[0], tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json not found"):
+        load_model(folder)
+
+
+def test_unknown_model_type_names_supported_ones(llama_dir, tmp_path):
+    folder = _copy(llama_dir[0], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt_neox"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="'gpt_neox' is not supported; supported: gemma3_text, gemma3, llama"):
+        load_model(folder)
+
+
+def test_unimplemented_config_field_is_refused(llama_dir, tmp_path):
+    folder = _copy(llama_dir[0], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="rope type 'yarn' is not implemented"):
+        load_model(folder)
+
+
+def _rewrite_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(llama_dir, tmp_path):
+    folder = _copy(llama_dir[0], tmp_path)
+    _rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_model(folder)
+
+
+def test_unexpected_tensor_is_named(llama_dir, tmp_path):
+    folder = _copy(llama_dir[0], tmp_path)
+    _rewrite_weights(folder, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: \['model.layers.0.extra.weight'\]"):
+        load_model(folder)
+
+
+def test_wrong_shape_is_named(llama_dir, tmp_path):
+    folder = _copy(llama_dir[0], tmp_path)
+    _rewrite_weights(folder, lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": torch.zeros(8, 64)}))
+    with pytest.raises(CheckpointError, match=r"'model.layers.2.self_attn.k_proj.weight' has shape \(8, 64\), expected \(32, 64\)"):
+        load_model(folder)
+
+
+def test_truncated_safetensors_is_named(llama_dir, tmp_path):
+    folder = _copy(llama_dir[0], tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read safetensors"):
+        load_model(folder)
+
+
+def _fake_hub_cache(cache, repo_id, source):
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(source, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_hub_id_loads_from_local_cache_when_offline(llama_dir, tmp_path, monkeypatch):
+    snapshot = _fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", llama_dir[0])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_checkpoint("tiny-org/tiny-llama") == snapshot
+    assert load_model("tiny-org/tiny-llama").config.num_layers == 3
+
+
+def test_hub_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache .* HF_HUB_OFFLINE is set"):
+        resolve_checkpoint("google/gemma-3-1b-it")
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="not a local folder, not a packaged model"):
+        resolve_checkpoint("no-such-model")
+
+
+def test_tokenizer_special_tokens_and_bos(llama_dir):
+    tok = Tokenizer(llama_dir[0])
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
+    assert tok.adds_bos
+    assert tok.encode("w5 w6") == [1, 5, 6]
+    assert tok.encode("w5 w6", add_special_tokens=False) == [5, 6]
+
+
+def test_chat_template_renders_and_finds_end_of_turn(tmp_path):
+    template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eot> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    write_tiny_tokenizer(tmp_path, chat_template=template)
+    tok = Tokenizer(tmp_path)
+    text = tok.apply_chat_template([{"role": "user", "content": "w9"}])
+    assert text == "<bos><user> w9 <eot> <assistant> "
+    assert tok.end_of_turn_id() == 3
