@@ -9,30 +9,7 @@ import torch
 from minilora.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from minilora.config import ConfigError
 from minilora.tokenizer import Tokenizer
-from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config
-
-
-def write_tiny_tokenizer(folder, vocab_size=128, chat_template=None):
-    """A word-level tokenizer.json whose post-processor adds <bos>, plus tokenizer_config.json."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<eot>": 3}
-    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<pad>", "<bos>", "<eos>", "<eot>"])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
-    if chat_template:
-        config["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-
-
-def save_tiny(folder, hf, **save_kwargs):
-    hf.save_pretrained(folder, **save_kwargs)
-    write_tiny_tokenizer(folder)
-    return folder
+from tests.tiny import hf_model, save_tiny_checkpoint as save_tiny, tiny_gemma_config, tiny_llama_config, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +156,8 @@ def test_tokenizer_special_tokens_and_bos(llama_dir):
     tok = Tokenizer(llama_dir[0])
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
     assert tok.adds_bos
-    assert tok.encode("w5 w6") == [1, 5, 6]
-    assert tok.encode("w5 w6", add_special_tokens=False) == [5, 6]
+    ids = tok.encode("w5 w6", add_special_tokens=False)
+    assert len(ids) == 2 and tok.encode("w5 w6") == [1] + ids
 
 
 def test_chat_template_renders_and_finds_end_of_turn(tmp_path):

@@ -12,7 +12,7 @@ def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
     kwargs = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
@@ -24,7 +24,7 @@ def tiny_gemma_config(**overrides):
     from transformers import Gemma3TextConfig
 
     kwargs = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+        vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=1, head_dim=32, max_position_embeddings=256, sliding_window=8,
         query_pre_attn_scalar=24, bos_token_id=2, eos_token_id=1, pad_token_id=0,
     )
@@ -58,3 +58,47 @@ def twin(hf) -> CausalLM:
     assert not [m for m in missing if m != "lm_head.weight"], missing
     ours.tie_weights()
     return ours.eval()
+
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<eot>", "<unk>"]
+
+
+def tiny_vocabulary(size: int) -> dict[str, int]:
+    """Specials, the words of the default prompt and labels, then filler words w0, w1, ..."""
+    import re
+
+    from minilora.prompts import DEFAULT_TEMPLATE
+
+    words = ["positive", "neutral", "negative", "\n"] + re.findall(r"\w+|[^\w\s]", DEFAULT_TEMPLATE)
+    vocab: dict[str, int] = {}
+    for token in SPECIALS + words:
+        vocab.setdefault(token, len(vocab))
+    index = 0
+    while len(vocab) < size:
+        vocab.setdefault(f"w{index}", len(vocab))
+        index += 1
+    return vocab
+
+
+def write_tiny_tokenizer(folder, vocab_size: int = 128, chat_template: str | None = None) -> None:
+    """A word-level tokenizer.json whose post-processor adds <bos> (ids: pad 0, bos 1, eos 2, eot 3)."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, processors
+
+    tok = HFTokenizer(models.WordLevel(tiny_vocabulary(vocab_size), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    if chat_template:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def save_tiny_checkpoint(folder, hf, **save_kwargs):
+    """A complete checkpoint folder (config, safetensors, tokenizer) for a tiny transformers model."""
+    hf.save_pretrained(folder, **save_kwargs)
+    write_tiny_tokenizer(folder, hf.config.vocab_size)
+    return folder

@@ -1,0 +1,143 @@
+"""Prompts and tokenized examples: the single place where text becomes token ids.
+
+Training and evaluation both call `PromptFormatter.prompt_ids`, so prompts are tokenized identically.
+Prompt and answer are tokenized separately and concatenated (masks built from ids, never by searching
+for a response template), BOS appears exactly once, and the answer always ends with eos / the chat
+template's end-of-turn token so a fine-tuned model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import Tokenizer
+
+DEFAULT_LABELS = ("positive", "neutral", "negative")
+DEFAULT_TEMPLATE = (
+    "Analyze the sentiment of the news headline enclosed in square brackets, determine if it is positive, "
+    'neutral, or negative, and return the answer as the corresponding sentiment label "positive" or "neutral" '
+    'or "negative".\n\n[{text}] ='
+)
+IGNORE_INDEX = -100  # label value of positions without loss (prompt, padding)
+
+
+class PromptError(ValueError):
+    """A prompt template or example that cannot be tokenized as required."""
+
+
+def load_template(path: str | Path | None) -> str:
+    """The default instruction, or a user template file that must contain exactly one {text} slot."""
+    if path is None:
+        return DEFAULT_TEMPLATE
+    text = Path(path).read_text(encoding="utf-8")
+    if text.count("{text}") != 1:
+        raise PromptError(f"{path}: a prompt template needs exactly one {{text}} slot, found {text.count('{text}')}")
+    return text
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: list[int]  # everything the model conditions on (BOS ... '=' or the chat turn header)
+    answer_ids: list[int]  # the supervised tokens: label tokens + eos / end-of-turn
+    label: str
+
+
+class PromptFormatter:
+    """Turns a sentence into prompt ids and a label into answer ids for one tokenizer.
+
+    chat=True renders the prompt as a user turn through the checkpoint's chat template
+    (instruction-tuned checkpoints need it); the answer is then the bare label + end-of-turn.
+    chat=False uses the raw instruction; the answer is ' <label>' + eos.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, template: str = DEFAULT_TEMPLATE, chat: bool = False,
+                 labels: tuple[str, ...] = DEFAULT_LABELS):
+        if chat and not tokenizer.chat_template:
+            raise PromptError(f"{tokenizer.folder}: chat formatting asked for, but the checkpoint has no chat template")
+        self.tokenizer, self.template, self.chat, self.labels = tokenizer, template, chat, tuple(labels)
+        self.stop_id = tokenizer.end_of_turn_id() if chat else tokenizer.eos_id
+        # label tokens as they follow the prompt: ' positive' after '=', 'positive' after the turn header
+        self.label_ids = {
+            label: tokenizer.encode(label if chat else " " + label, add_special_tokens=False) for label in self.labels
+        }
+        for label, ids in self.label_ids.items():
+            if not ids:
+                raise PromptError(f"label {label!r} tokenizes to no tokens")
+
+    def prompt_text(self, text: str) -> str:
+        if "\n" in text or "\r" in text:  # the template promises one line of text before the answer
+            text = " ".join(text.split())
+        filled = self.template.replace("{text}", text)
+        if self.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": filled}], add_generation_prompt=True)
+        return filled
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of the prompt with BOS exactly once (the chat template writes its own BOS)."""
+        tok = self.tokenizer
+        ids = tok.encode(self.prompt_text(text), add_special_tokens=False)
+        if tok.bos_id is not None and (self.chat or tok.adds_bos) and (not ids or ids[0] != tok.bos_id):
+            ids = [tok.bos_id] + ids
+        if tok.bos_id is not None and ids.count(tok.bos_id) > 1:
+            raise PromptError(f"prompt for {text[:40]!r} holds BOS {ids.count(tok.bos_id)} times; expected once")
+        return ids
+
+    def answer_ids(self, label: str) -> list[int]:
+        if label not in self.label_ids:
+            raise PromptError(f"label {label!r} is not one of {self.labels}")
+        return self.label_ids[label] + [self.stop_id]
+
+    def tokenize(self, text: str, label: str) -> TokenizedExample:
+        return TokenizedExample(self.prompt_ids(text), self.answer_ids(label), label)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    labels: torch.Tensor  # (B, T) target ids at answer positions, IGNORE_INDEX elsewhere
+    weights: torch.Tensor  # (B,) per-example loss weight (class weights), 1.0 by default
+
+    @property
+    def supervised_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.weights)))
+
+
+def collate(examples: list[TokenizedExample], pad_id: int, max_len: int,
+            class_weights: dict[str, float] | None = None) -> Batch:
+    """Right-pad prompt + answer. Labels mark the answer only; padding is masked by position, so an
+    eos answer token is supervised even when pad shares its id."""
+    rows = [ex.prompt_ids + ex.answer_ids for ex in examples]
+    for ex, row in zip(examples, rows):
+        if len(row) > max_len:
+            raise PromptError(
+                f"an example needs {len(row)} tokens (prompt {len(ex.prompt_ids)} + answer {len(ex.answer_ids)}) "
+                f"but max_seq_len is {max_len}; raise --max-seq-len"
+            )
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ex, row) in enumerate(zip(examples, rows)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(ex.prompt_ids) : len(row)] = torch.tensor(ex.answer_ids)
+    weights = torch.tensor([(class_weights or {}).get(ex.label, 1.0) for ex in examples], dtype=torch.float32)
+    return Batch(input_ids, mask, labels, weights)
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences (the instruction before the text)."""
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for i in range(length):
+        token = first[i]
+        if any(s[i] != token for s in sequences):
+            return i
+    return length

@@ -1,0 +1,77 @@
+"""Classify by scoring: log p(label tokens | prompt) for every label, predict the argmax.
+
+One forward over the prompts (the instruction prefix shared by all rows is computed once for the
+whole run), then each label's continuation attends to the cached prompt keys / values. The LM head
+runs only where a label token is predicted. Never produces an invalid label.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import CausalLM, KVCache
+from .prompts import PromptFormatter, common_prefix_length
+
+
+def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, device=device)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def label_logprobs(
+    model: CausalLM,
+    formatter: PromptFormatter,
+    texts: list[str],
+    batch_size: int = 16,
+    share_prefix: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """(N, n_labels) natural-log probability of each label's tokens (without the stop token)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    prompts = [formatter.prompt_ids(t) for t in texts]
+    label_ids = [formatter.label_ids[label] for label in formatter.labels]
+    prefix_len = common_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
+    prefix_len = min(prefix_len, min(len(p) for p in prompts) - 1)  # each row keeps >= 1 own token
+    prefix_cache = None
+    if prefix_len > 0:
+        prefix = torch.tensor([prompts[0][:prefix_len]], device=device)
+        prefix_cache = model(prefix, use_cache=True, logits_at="none").cache
+    # longest first: batches of similar length waste less padding
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    scores = torch.empty(len(prompts), len(label_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        rows = [prompts[i][prefix_len:] for i in idx]
+        scores[idx] = _score_rows(model, rows, label_ids, prefix_cache, formatter.tokenizer.pad_id, device).cpu()
+    return scores
+
+
+def _score_rows(model: CausalLM, rows: list[list[int]], label_ids: list[list[int]],
+                prefix_cache: KVCache | None, pad_id: int, device) -> torch.Tensor:
+    ids, mask = _pad_right(rows, pad_id, device)
+    last = torch.zeros_like(mask, dtype=torch.bool)
+    last[torch.arange(len(rows)), mask.sum(1) - 1] = True  # each row's final prompt token
+    out = model(ids, attention_mask=mask, cache=prefix_cache, use_cache=True, logits_at=last)
+    first_logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, V): the first label token
+    scores = []
+    for tokens in label_ids:
+        total = first_logprobs[:, tokens[0]]
+        if len(tokens) > 1:  # the rest of the label, attending to the cached prompt
+            continuation = torch.tensor([tokens[:-1]], device=device).expand(len(rows), -1)
+            logits = model(continuation, cache=out.cache, logits_at="all").logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)  # (B, m - 1, V)
+            targets = torch.tensor(tokens[1:], device=device)
+            total = total + logprobs[:, torch.arange(len(tokens) - 1), targets].sum(-1)
+        scores.append(total)
+    return torch.stack(scores, dim=1)
+
+
+def predict_labels(logprobs: torch.Tensor, labels: tuple[str, ...]) -> list[str]:
+    return [labels[i] for i in logprobs.argmax(dim=1).tolist()]

@@ -1,0 +1,60 @@
+"""Label scoring against naive full-logits log-probs, and generation with vs without the KV cache."""
+
+import pytest
+import torch
+
+from minilora.checkpoint import load_model
+from minilora.generate import generate, parse_label
+from minilora.prompts import PromptFormatter
+from minilora.scoring import label_logprobs
+from minilora.tokenizer import Tokenizer
+from tests.tiny import hf_model, save_tiny_checkpoint, tiny_gemma_config, tiny_llama_config
+
+TEXTS = ["w1 w2 w3 .", "w4 w5", "w6 w7 w8 w9 w10 w11 w12", "w13", "w14 w15 w16"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny(request, tmp_path_factory):
+    config = tiny_llama_config() if request.param == "llama" else tiny_gemma_config(sliding_window=16)
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), hf_model(config))
+    return load_model(folder).model, Tokenizer(folder)
+
+
+def naive_logprob(model, prompt, label_tokens):
+    ids = torch.tensor([prompt + label_tokens])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return sum(logprobs[len(prompt) - 1 + k, t].item() for k, t in enumerate(label_tokens))
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_scores_equal_naive_sum_of_token_logprobs(tiny, share_prefix):
+    model, tok = tiny
+    fmt = PromptFormatter(tok)
+    # labels of different token lengths (1, 2 and 3 tokens)
+    fmt.label_ids = {"positive": [5], "neutral": [6, 7], "negative": [8, 9, 10]}
+    scores = label_logprobs(model, fmt, TEXTS, batch_size=2, share_prefix=share_prefix)
+    for i, text in enumerate(TEXTS):
+        for j, label in enumerate(fmt.labels):
+            expected = naive_logprob(model, fmt.prompt_ids(text), fmt.label_ids[label])
+            assert abs(scores[i, j].item() - expected) < 1e-4
+
+
+def test_generation_with_cache_equals_without(tiny):
+    model, tok = tiny
+    fmt = PromptFormatter(tok)
+    prompts = [fmt.prompt_ids(t) for t in TEXTS]
+    cached = generate(model, prompts, 6, stop_ids={tok.eos_id}, pad_id=tok.pad_id, use_cache=True)
+    uncached = generate(model, prompts, 6, stop_ids={tok.eos_id}, pad_id=tok.pad_id, use_cache=False)
+    assert cached == uncached
+    # and each row equals generating it alone (left padding changes nothing)
+    for prompt, row in zip(prompts, cached):
+        assert generate(model, [prompt], 6, stop_ids={tok.eos_id}, pad_id=tok.pad_id) == [row]
+
+
+def test_parse_label():
+    labels = ("positive", "neutral", "negative")
+    assert parse_label(" Positive.", labels) == "positive"
+    assert parse_label('"neutral"', labels) == "neutral"
+    assert parse_label(" The answer is negative", labels) == "invalid"
+    assert parse_label("", labels) == "invalid"
