@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,7 @@ def test_50agree_counts_and_dedupe():
     assert info.conflict_policy == data.CONFLICT_POLICY
     assert ":79 has 'neutral'" in info.conflicts[0] and ":789 has 'positive'" in info.conflicts[1]
     assert info.sha256 == hashlib.sha256(ZIP.read_bytes()).hexdigest()
+    assert json.loads(json.dumps(asdict(info)))["n_unique"] == 4838  # saved beside the outputs
 
 
 @needs_zip
