@@ -1,0 +1,35 @@
+"""argparse built from a config dataclass: one flag per field, help from the field's metadata."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+
+def _base_type(annotation: Any) -> type:
+    hints = {"int": int, "float": float, "str": str, "bool": bool}
+    if isinstance(annotation, str):  # postponed annotations: "int", "str | None", ...
+        return hints.get(annotation.split("|")[0].strip(), str)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    for f in fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(f.type)
+        default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                                help=f"{help_text} (default: {default})")
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace):
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})

@@ -1,0 +1,52 @@
+"""Device and dtype choice: bf16 where the hardware computes it fast, fp32 elsewhere.
+
+bf16 matmul on a CPU without AVX512-BF16 / AMX is emulated and runs ~300x slower than fp32, so the
+CPU default is fp32; on CUDA it is bf16 when the GPU supports it. Always overridable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX / AVX512-BF16 CPUs run bf16 matmuls natively."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AMX" in capability.upper() or "BF16" in capability.upper()
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """Compute dtype of the frozen base. fp16 is refused: Gemma 3 activations overflow it."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"--dtype {name!r}: expected auto, fp32 or bf16")
+        if DTYPES[name] is torch.float16:
+            raise ValueError("--dtype fp16: Gemma 3 overflows in fp16 (transformers#36822); use bf16 or fp32")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)

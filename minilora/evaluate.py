@@ -1,0 +1,91 @@
+"""Classify a split with a (fine-tuned) model and write the report: the code behind eval.py and the
+evaluation that ends train.py.
+
+Two methods: `score` (default) compares log p(label | prompt) across labels and never answers
+outside the label set; `generate` decodes greedily with the KV cache and parses the first word,
+counting anything else as `invalid`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import Example
+from .generate import generate, parse_label
+from .metrics import classification_metrics
+from .model import CausalLM
+from .prompts import PromptFormatter
+from .report import write_report
+from .scoring import label_logprobs, predict_labels
+
+METHODS = ("score", "generate")
+
+
+@dataclass
+class Predictions:
+    predicted: list[str]
+    logprobs: torch.Tensor | None  # (N, n_labels) natural-log probabilities of each label's tokens
+    seconds: float
+
+
+def newline_token_ids(formatter: PromptFormatter) -> set[int]:
+    """Tokens whose text holds a newline (SentencePiece '\\n', byte-level 'Ċ', byte fallback <0x0A>)."""
+    vocab = formatter.tokenizer.backend.get_vocab(with_added_tokens=True)
+    return {i for token, i in vocab.items() if "\n" in token or "Ċ" in token or token == "<0x0A>"}
+
+
+def predict(
+    model: CausalLM,
+    formatter: PromptFormatter,
+    texts: list[str],
+    method: str = "score",
+    batch_size: int = 16,
+    share_prefix: bool = True,
+    max_new_tokens: int = 4,
+) -> Predictions:
+    """Labels for `texts` (and, for `score`, the per-label log-probabilities)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    started = time.perf_counter()
+    if method == "score":
+        logprobs = label_logprobs(model, formatter, texts, batch_size=batch_size, share_prefix=share_prefix)
+        return Predictions(predict_labels(logprobs, formatter.labels), logprobs, time.perf_counter() - started)
+    stop_ids = {formatter.stop_id, formatter.tokenizer.eos_id} | newline_token_ids(formatter)
+    prompts = [formatter.prompt_ids(t) for t in texts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths per batch
+    predicted = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        outputs = generate(model, [prompts[i] for i in idx], max_new_tokens, stop_ids, formatter.tokenizer.pad_id)
+        for i, ids in zip(idx, outputs):
+            predicted[i] = parse_label(formatter.tokenizer.decode(ids), formatter.labels)
+    return Predictions(predicted, None, time.perf_counter() - started)
+
+
+def evaluate(
+    model: CausalLM,
+    formatter: PromptFormatter,
+    examples: list[Example],
+    out_dir: str | Path,
+    run_name: str,
+    method: str = "score",
+    batch_size: int = 16,
+    share_prefix: bool = True,
+    meta: dict | None = None,
+) -> dict:
+    """Predict, compute metrics and write report.json, predictions.csv, confusion_matrix.png, summary.md."""
+    texts = [ex.text for ex in examples]
+    gold = [ex.label for ex in examples]
+    result = predict(model, formatter, texts, method, batch_size, share_prefix)
+    metrics = classification_metrics(gold, result.predicted, formatter.labels)
+    metrics["examples_per_s"] = len(texts) / result.seconds if result.seconds > 0 else None
+    logprobs = result.logprobs.numpy() if result.logprobs is not None else None
+    write_report(out_dir, run_name, metrics, texts, gold, result.predicted, logprobs=logprobs,
+                 wall_time_s=result.seconds, meta={"method": method, **(meta or {})})
+    metrics["wall_time_s"] = result.seconds
+    metrics["predicted"] = result.predicted
+    return metrics

@@ -1,0 +1,233 @@
+"""A whole fine-tuning run, as train.py does it: config -> data -> model -> adapters -> loop -> report.
+
+Order matters and is spelled out in `run`: seed, load (quantize layer by layer for QLoRA), inject
+adapters (A is drawn here, after seeding), freeze, train, save, evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .adapter_io import save_adapter
+from .checkpoint import load_model
+from .device import pick_device, pick_dtype, seed_everything
+from .evaluate import evaluate
+from .lora import LoraConfig, inject_adapters, trainable_summary
+from .loss import completion_loss
+from .model import CausalLM
+from .prompts import PromptFormatter, collate, load_template
+from .quant import quantize_module_nf4
+from .scoring import label_logprobs, predict_labels
+from .tokenizer import Tokenizer
+from .trainer import LoopConfig, train
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def opt(default, help: str, **kwargs):
+    """A config field whose help text becomes the CLI flag's help."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a training run; train.py's flags are these fields (`--lora-r` is lora_r)."""
+
+    model: str = opt("gemma-3-270m", "Hub id, local HF folder, or packaged short name (gemma-3-270m, smollm2-135m-instruct)")
+    data: str | None = opt(None, "FinancialPhraseBank zip / folder / Sentences_*.txt, or CSV / JSONL with text,label; "
+                                 "default: fetch the official zip from the Hub")
+    agreement: str = opt("50", "annotator agreement level of FinancialPhraseBank", choices=["50", "66", "75", "all"])
+    split_protocol: str = opt("seed", "seed: N per class train / test; standard: stratified 75/25 (1,212 test rows)",
+                              choices=["seed", "standard"])
+    train_per_class: int = opt(300, "seed protocol: training rows per class")
+    test_per_class: int = opt(300, "seed protocol: test rows per class")
+    output_dir: str = opt("runs/finetune", "where the adapter, checkpoints, metrics and reports go")
+    overwrite: bool = opt(False, "replace an output folder that holds another run")
+    resume: bool = opt(False, "continue the run in --output-dir from its last checkpoint")
+    epochs: float = opt(1.0, "passes over the training split")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs when > 0)")
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    warmup_ratio: float = opt(0.03, "fraction of steps with linear warmup before the cosine decay")
+    weight_decay: float = opt(0.001, "AdamW weight decay")
+    max_grad_norm: float = opt(0.3, "gradient clipping norm (0 disables)")
+    batch_size: int = opt(8, "rows per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_seq_len: int = opt(256, "longest prompt + answer, in tokens")
+    adapter: str = opt("lora", "adapter variant", choices=["lora", "dora"])
+    lora_r: int = opt(16, "adapter rank")
+    lora_alpha: float = opt(32.0, "adapter scale numerator (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the adapter input")
+    use_rslora: bool = opt(False, "rank-stabilised scale alpha / sqrt(r)")
+    target_modules: str = opt(DEFAULT_TARGETS, "comma-separated module names, or all-linear")
+    qlora: bool = opt(False, "quantize the frozen base to NF4 (bitsandbytes) while loading")
+    gradient_checkpointing: bool = opt(True, "recompute each block in backward to save memory")
+    share_prefix: bool = opt(False, "compute the shared instruction prefix once per micro-batch (exact)")
+    class_weights: str = opt("none", "per-example loss weights by class", choices=["none", "balanced"])
+    balanced_sampling: bool = opt(False, "oversample minority classes in the training order")
+    prompt_template: str | None = opt(None, "file with a prompt template containing one {text} slot")
+    prompt_format: str = opt("auto", "chat: through the checkpoint's chat template; plain: raw instruction; "
+                                     "auto: chat when the checkpoint has a template", choices=["auto", "chat", "plain"])
+    seed: int = opt(42, "seed of splits, adapter init, data order and dropout")
+    eval_every: int = opt(25, "validate (loss + accuracy) every N steps; 0: only at the end")
+    val_limit: int = opt(150, "validation rows used (0: all)")
+    save_every: int = opt(25, "checkpoint every N steps; 0: only at the end")
+    eval_method: str = opt("score", "final test evaluation method", choices=["score", "generate"])
+    eval_baseline: bool = opt(False, "also evaluate the base model (adapters disabled) on the test split")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = opt("auto", "compute dtype of the frozen base: auto (bf16 on CUDA, fp32 on CPUs without fast "
+                             "bf16), fp32, bf16")
+
+    def lora_config(self) -> LoraConfig:
+        targets = "all-linear" if self.target_modules == "all-linear" else [
+            t.strip() for t in self.target_modules.split(",") if t.strip()]
+        return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=targets,
+                          use_rslora=self.use_rslora, variant=self.adapter)
+
+    def loop_config(self) -> LoopConfig:
+        shared = {f.name for f in fields(LoopConfig)} & {f.name for f in fields(self)}
+        return LoopConfig(**{name: getattr(self, name) for name in shared})
+
+
+class RunError(ValueError):
+    """A run that cannot start as configured (and would otherwise lose or mix up work)."""
+
+
+# --------------------------------------------------------------------------------- model building
+
+
+def build_model(model: str, device: torch.device, dtype: torch.dtype, qlora: bool = False):
+    """Load a checkpoint; with qlora, each decoder layer is quantized to NF4 as soon as it is loaded."""
+    hook = (lambda layer: quantize_module_nf4(layer, compute_dtype=dtype, device=device)) if qlora else None
+    loaded = load_model(model, dtype=dtype, device=device, on_layer_loaded=hook)
+    return loaded, Tokenizer(loaded.folder)
+
+
+def make_formatter(tokenizer: Tokenizer, prompt_format: str, template_file: str | None,
+                   labels: tuple[str, ...]) -> PromptFormatter:
+    chat = prompt_format == "chat" or (prompt_format == "auto" and tokenizer.chat_template is not None)
+    return PromptFormatter(tokenizer, load_template(template_file), chat=chat, labels=labels)
+
+
+# ------------------------------------------------------------------------------------ output folder
+
+
+def prepare_output_dir(cfg: RunConfig) -> Path:
+    """Refuse to mix runs: an existing run is continued only with --resume, replaced only with --overwrite."""
+    out = Path(cfg.output_dir)
+    saved = out / "run_config.json"
+    if cfg.resume:
+        if not saved.is_file():
+            raise RunError(f"--resume: {out} holds no run (run_config.json missing)")
+        previous = json.loads(saved.read_text())
+        ignore = {"resume", "overwrite", "eval_baseline", "device"}
+        changed = {k: (previous.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and previous.get(k) != v}
+        if changed:
+            raise RunError(f"--resume: settings differ from the run in {out}: "
+                           + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise RunError(f"{out} already holds files (another run?); pass --resume to continue it or "
+                           "--overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def run(cfg: RunConfig, log=print) -> dict:
+    """Train an adapter as configured and evaluate it on the test split; returns the test metrics."""
+    if cfg.lora_r <= 0:
+        raise RunError(f"--lora-r must be > 0, found {cfg.lora_r}")
+    out = prepare_output_dir(cfg)
+    log("config: " + json.dumps(asdict(cfg)))
+    _write_json(out / "run_config.json", asdict(cfg))
+    seed_everything(cfg.seed)
+
+    splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
+                                   train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed)
+    _write_json(out / "data_info.json", asdict(splits.info))
+    log(f"data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test rows")
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
+    loaded, tokenizer = build_model(cfg.model, device, dtype, cfg.qlora)
+    model = loaded.model
+    formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)
+    log(f"model: {cfg.model} ({loaded.config.model_type}, {dtype}, {device}{', NF4' if cfg.qlora else ''}); "
+        f"prompt format: {'chat template' if formatter.chat else 'plain'}")
+
+    train_examples = [formatter.tokenize(ex.text, ex.label) for ex in splits.train]
+    longest = max(len(e.prompt_ids) + len(e.answer_ids) for e in train_examples)
+    if longest > cfg.max_seq_len:
+        raise RunError(f"the longest training example has {longest} tokens but --max-seq-len is {cfg.max_seq_len}")
+
+    seed_everything(cfg.seed)  # adapters are initialised from this seed whatever loading consumed
+    inject_adapters(model, cfg.lora_config())
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    log(trainable_summary(model))
+
+    weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)
+    sample_order = (lambda epoch: data_mod.balanced_order(splits.train, cfg.seed, epoch)) if cfg.balanced_sampling else None
+    validation = _validation_subset(splits.validation, cfg.val_limit, cfg.seed)
+    validate = (lambda m: validation_scores(m, formatter, validation, cfg.max_seq_len, cfg.batch_size)) if validation else None
+
+    result = train(model, train_examples, cfg.loop_config(), out, tokenizer.pad_id, class_weights=weights,
+                   validate=validate, resume=cfg.resume, sample_order=sample_order, base_model=cfg.model, log=log)
+    save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
+    log(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
+        f"adapter saved to {out / 'adapter'}")
+
+    meta = {"model": cfg.model, "adapter": str(out / "adapter"), "seed": cfg.seed, "split_protocol": cfg.split_protocol}
+    metrics = evaluate(model, formatter, splits.test, out / "eval", "fine-tuned", method=cfg.eval_method,
+                       batch_size=max(cfg.batch_size, 16), meta=meta)
+    log(f"test accuracy ({cfg.eval_method}, {len(splits.test)} rows): {metrics['accuracy']:.4f}, "
+        f"macro F1 {metrics['macro_f1']:.4f}")
+    if cfg.eval_baseline:
+        from .lora import disable_adapters
+
+        with disable_adapters(model):
+            base = evaluate(model, formatter, splits.test, out / "eval_baseline", "baseline",
+                            method=cfg.eval_method, batch_size=max(cfg.batch_size, 16), meta={**meta, "adapter": None})
+        log(f"baseline test accuracy: {base['accuracy']:.4f}")
+    return metrics
+
+
+def _validation_subset(examples: list, limit: int, seed: int) -> list:
+    if limit <= 0 or len(examples) <= limit:
+        return list(examples)
+    import numpy as np
+
+    index = np.random.default_rng(seed).permutation(len(examples))[:limit]
+    return [examples[i] for i in sorted(index)]
+
+
+@torch.no_grad()
+def validation_scores(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
+                      batch_size: int) -> dict:
+    """Answer-token loss and label-scoring accuracy on validation rows."""
+    model.eval()
+    nll, weight = 0.0, 0.0
+    tokenized = [formatter.tokenize(ex.text, ex.label) for ex in examples]
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate(tokenized[start : start + batch_size], formatter.tokenizer.pad_id, max_len)
+        terms = completion_loss(model, batch.to(next(model.parameters()).device))
+        nll, weight = nll + terms.nll_sum.item(), weight + terms.weight_sum.item()
+    logprobs = label_logprobs(model, formatter, [ex.text for ex in examples], batch_size=max(batch_size, 16))
+    predicted = predict_labels(logprobs, formatter.labels)
+    accuracy = sum(p == ex.label for p, ex in zip(predicted, examples)) / len(examples)
+    return {"loss": nll / weight, "accuracy": accuracy}

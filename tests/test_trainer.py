@@ -1,0 +1,215 @@
+"""The training loop: schedule, token-weighted accumulation, seeding, exact resume, end to end on a tiny model."""
+
+import csv
+import math
+import json
+
+import pytest
+import torch
+
+from minilora.checkpoint import load_model
+from minilora.finetune import RunConfig, RunError, run
+from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
+from minilora.prompts import PromptFormatter, collate
+from minilora.tokenizer import Tokenizer
+from minilora.trainer import LoopConfig, accumulate_gradients, lr_at, plan_steps
+from tests.tiny import hf_model, save_tiny_checkpoint, tiny_llama_config
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), hf_model(tiny_llama_config()))
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "rows.csv"
+    gen = torch.Generator().manual_seed(0)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(60):
+            words = " ".join(f"w{int(t)}" for t in torch.randint(0, 100, (int(torch.randint(2, 9, (1,), generator=gen)),), generator=gen))
+            writer.writerow([f"{words} w{100 + i}", ("positive", "neutral", "negative")[i % 3]])
+    return path
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = LoopConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.0)
+    values = [lr_at(s, 100, cfg) for s in range(100)]
+    assert values[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert values[10] == pytest.approx(1.0)
+    assert values[55] == pytest.approx(0.5, abs=1e-9)  # half way through the decay
+    assert values[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_plan_is_deterministic_and_covers_each_row_once_per_epoch():
+    lengths = [5, 9, 3, 7, 8, 2, 6, 4, 1, 10]
+    cfg = LoopConfig(batch_size=3, grad_accum=2, epochs=2, seed=3)
+    steps = plan_steps(lengths, cfg)
+    assert steps == plan_steps(lengths, cfg)
+    rows = [i for step in steps for batch in step for i in batch]
+    assert sorted(rows) == sorted(list(range(10)) * 2)
+
+
+def _model_and_examples(tiny_dir, seed=0):
+    torch.manual_seed(seed)
+    model = load_model(tiny_dir).model
+    inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # non-zero B so every adapter parameter gets a gradient
+        for p in adapter_parameters(model):
+            p.normal_(0, 0.05)
+    tok = Tokenizer(tiny_dir)
+    fmt = PromptFormatter(tok)
+    # answers of different lengths, so micro-batches hold different numbers of supervised tokens
+    fmt.label_ids = {"positive": [10], "neutral": [11, 12, 13], "negative": [14, 15, 16, 17, 18]}
+    labels = ["positive", "neutral", "negative", "negative", "positive", "positive", "neutral", "negative"]
+    examples = [fmt.tokenize(f"w{i} w{i + 1}", label) for i, label in enumerate(labels)]
+    return model, tok, examples
+
+
+def test_accumulation_4x2_equals_batch_8_weighted_by_tokens(tiny_dir):
+    model, tok, examples = _model_and_examples(tiny_dir)
+    params = adapter_parameters(model)
+    grads = []
+    for size in (8, 2):
+        model.zero_grad()
+        batches = [collate(examples[s : s + size], tok.pad_id, 512) for s in range(0, 8, size)]
+        accumulate_gradients(model, batches, torch.device("cpu"))
+        grads.append([p.grad.clone() for p in params])
+    for big, small in zip(*grads):
+        torch.testing.assert_close(small, big, rtol=1e-5, atol=1e-7)
+    # a mean of per-micro-batch means would differ here (different answer lengths per micro-batch)
+    model.zero_grad()
+    for s in range(0, 8, 2):
+        batch = collate(examples[s : s + 2], tok.pad_id, 512)
+        from minilora.loss import completion_loss
+
+        terms = completion_loss(model, batch)
+        (terms.nll_sum / terms.weight_sum / 4).backward()
+    assert not all(torch.allclose(p.grad, g, rtol=1e-3, atol=1e-6) for p, g in zip(params, grads[0]))
+
+
+def test_shared_prefix_accumulation_equals_plain(tiny_dir):
+    model, tok, examples = _model_and_examples(tiny_dir)
+    params = adapter_parameters(model)
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        loss = accumulate_gradients(model, [collate(examples, tok.pad_id, 512)], torch.device("cpu"), share)[0]
+        grads.append((loss, [p.grad.clone() for p in params]))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def _cfg(tiny_dir, tiny_csv, out, **overrides):
+    base = dict(model=str(tiny_dir), data=str(tiny_csv), output_dir=str(out), train_per_class=8, test_per_class=4,
+                max_steps=4, batch_size=4, grad_accum=2, lora_r=4, lora_alpha=8, lora_dropout=0.1, eval_every=2,
+                save_every=2, val_limit=6, max_seq_len=128, warmup_ratio=0.25)
+    base.update(overrides)
+    return RunConfig(**base)
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_end_to_end_writes_adapter_metrics_and_report(tiny_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    metrics = run(_cfg(tiny_dir, tiny_csv, out), log=lambda line: None)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    for name in ("run_config.json", "data_info.json", "metrics.jsonl", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "eval/report.json", "eval/predictions.csv",
+                 "eval/confusion_matrix.png", "best/adapter_config.json", "checkpoint/training_state.pt"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert "val_accuracy" in records[1] and "val_loss" in records[3]
+
+
+def test_same_seed_same_adapter(tiny_dir, tiny_csv, tmp_path):
+    first = _adapter_after(tiny_dir, tiny_csv, tmp_path / "a", seed=5)
+    second = _adapter_after(tiny_dir, tiny_csv, tmp_path / "b", seed=5)
+    third = _adapter_after(tiny_dir, tiny_csv, tmp_path / "c", seed=6)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], third[k]) for k in first)
+
+
+def _adapter_after(tiny_dir, tiny_csv, out, **kw):
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0, save_every=0, **kw), log=lambda line: None)
+    return _adapter(out)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_adapter(tiny_dir, tiny_csv, tmp_path):
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "full"), log=lambda line: None)
+
+    def crash_at_step_3(line):
+        if line.startswith("step 3/4"):
+            raise Crash  # after step 3's update, before any checkpoint of it
+
+    interrupted = _cfg(tiny_dir, tiny_csv, tmp_path / "resumed")
+    with pytest.raises(Crash):
+        run(interrupted, log=crash_at_step_3)
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    logs = []
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", resume=True), log=logs.append)
+    assert any("resumed from" in line and "at step 2/4" in line for line in logs)
+    full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "resumed")
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_output_folder_of_another_run_is_refused(tiny_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(RunError, match="already holds files .* --resume .* --overwrite"):
+        run(_cfg(tiny_dir, tiny_csv, out), log=lambda line: None)
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_resume_with_different_settings_is_refused(tiny_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0), log=lambda line: None)
+    with pytest.raises(RunError, match="lr was 0.0002, now 0.001"):
+        run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0, lr=1e-3, resume=True), log=lambda line: None)
+
+
+def test_max_seq_len_shorter_than_prompt_is_refused(tiny_dir, tiny_csv, tmp_path):
+    with pytest.raises(RunError, match="--max-seq-len is 8"):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", max_seq_len=8), log=lambda line: None)
+
+
+def test_unknown_model_is_refused(tiny_csv, tmp_path):
+    from minilora.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a local folder"):
+        run(_cfg("no-such-model", tiny_csv, tmp_path / "run"), log=lambda line: None)
+
+
+def test_labels_outside_the_label_set_are_refused(tiny_dir, tmp_path):
+    from minilora.data import DataError
+
+    path = tmp_path / "bad.csv"
+    path.write_text("text,label\nw1 w2,positive\nw3,bullish\n")
+    with pytest.raises(DataError, match="bullish"):
+        run(_cfg(tiny_dir, path, tmp_path / "run"), log=lambda line: None)
+
+
+def test_empty_data_is_refused(tiny_dir, tmp_path):
+    from minilora.data import DataError
+
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\n")
+    with pytest.raises(DataError):
+        run(_cfg(tiny_dir, path, tmp_path / "run"), log=lambda line: None)
