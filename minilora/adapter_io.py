@@ -1,0 +1,330 @@
+"""Adapters on disk in peft's layout, and merged full checkpoints in Hugging Face's.
+
+An adapter folder is what `peft.PeftModel.save_pretrained` writes, so either side loads the other's:
+
+    adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules, use_dora, ...
+    adapter_model.safetensors  base_model.model.<module path>.lora_A.weight      (r, in)
+                               base_model.model.<module path>.lora_B.weight      (out, r)
+                               base_model.model.<module path>.lora_magnitude_vector  (out,)  DoRA only
+
+`export_merged` writes a plain transformers folder (config, tokenizer, model.safetensors) with the
+adapters folded in and NF4 weights dequantized first, for vLLM / llama.cpp / transformers.
+Every file is written to a temporary name and moved into place, so a crash leaves no half file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .lora import (
+    DoRALinear,
+    LoRALinear,
+    LoraConfig,
+    base_weight,
+    find_targets,
+    inject_adapters,
+    lora_modules,
+)
+from .quant import NF4Linear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft's key prefix: PeftModel.base_model (LoraModel).model
+# files a merged export copies from the source checkpoint when present
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(path, write)
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The adapter_config.json peft would write for the adapters in `model`."""
+    modules = [m for _, m in lora_modules(model)]
+    if not modules:
+        raise ValueError("save_adapter: the model has no adapters (call inject_adapters first)")
+    settings = {(m.r, m.alpha, m.use_rslora, type(m), _dropout_p(m)) for m in modules}
+    if len(settings) != 1:
+        # per-module ranks would need peft's rank_pattern / alpha_pattern, which minilora does not write
+        raise ValueError(
+            f"save_adapter: all adapters must share r, alpha, rsLoRA, variant and dropout; found {settings}"
+        )
+    r, alpha, use_rslora, cls, dropout = settings.pop()
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        # the suffixes actually wrapped, e.g. ["down_proj", "q_proj", ...]
+        "target_modules": sorted({name.split(".")[-1] for name, _ in lora_modules(model)}),
+        "use_rslora": use_rslora,
+        "use_dora": issubclass(cls, DoRALinear),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_bias": False,
+        "exclude_modules": None,
+        "revision": None,
+    }
+
+
+def _dropout_p(module: LoRALinear) -> float:
+    return module.lora_dropout.p if isinstance(module.lora_dropout, nn.Dropout) else 0.0
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors in peft's layout; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = adapter_config_dict(model, base_model_name_or_path)
+    tensors = {}
+    for name, module in lora_modules(model):
+        if module.merged:
+            raise RuntimeError(f"save_adapter: {name} is merged; unmerge_adapters(model) first")
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
+        if isinstance(module, DoRALinear):
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_json(out / CONFIG_NAME, config)
+    return out
+
+
+# peft options minilora does not implement, with the value that means "off"
+_UNSUPPORTED_OFF = {
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "lora_bias": False,
+    "use_qalora": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "exclude_modules": None,
+    "layer_replication": None,
+}
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict]:
+    """Parse and check an adapter_config.json (ours or peft's): (LoraConfig, the raw dict)."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: adapter_config.json not found (is {adapter_dir} a peft / minilora adapter folder?)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}; minilora loads only 'LORA' adapters")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in raw]
+    if missing:
+        raise ValueError(f"{path}: required field(s) {missing} missing")
+    for key, off in _UNSUPPORTED_OFF.items():
+        value = raw.get(key, off)
+        if value != off and not (off is None and value in ([], {})):
+            raise ValueError(f"{path}: {key}={value!r} is not supported by minilora (expected {off!r})")
+    return LoraConfig(
+        r=raw["r"],
+        alpha=raw["lora_alpha"],
+        dropout=raw.get("lora_dropout", 0.0),
+        target_modules=raw["target_modules"],
+        use_rslora=raw.get("use_rslora", False),
+        variant="dora" if raw.get("use_dora", False) else "lora",
+    ), raw
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: adapter weights not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers / short files
+        raise ValueError(f"{path}: corrupted or truncated safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _module_key(key: str) -> str:
+    """peft file key -> our adapter_state_dict key."""
+    key = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    # peft files end in `lora_magnitude_vector` (peft's model.py keeps that format); tolerate the in-memory
+    # name `lora_magnitude_vector.weight` from hand-made state dicts
+    if key.endswith(".lora_magnitude_vector.weight"):
+        key = key.removesuffix(".weight")
+    return key
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    config_check: Callable[[dict], None] | None = None,
+) -> list[str]:
+    """Inject adapters as described by `adapter_dir`/adapter_config.json and copy in their weights.
+
+    Works for folders written by peft or by `save_adapter`. Every key and shape is checked before the
+    model is touched, so a failed load leaves it as it was. `config_check`, if given, is called with the
+    raw adapter_config.json dict first (e.g. to assert `base_model_name_or_path`) and may raise.
+    Returns the wrapped module names.
+    """
+    adapter_dir = Path(adapter_dir)
+    config, raw = read_adapter_config(adapter_dir)
+    if config_check is not None:
+        config_check(raw)
+    weights_path = adapter_dir / WEIGHTS_NAME
+    tensors = {_module_key(k): v for k, v in _read_tensors(weights_path).items()}
+
+    # expected keys and shapes, from the model as it is now
+    targets = find_targets(model, config)
+    expected: dict[str, tuple[int, ...]] = {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        out_f, in_f = layer.out_features, layer.in_features
+        expected[f"{name}.lora_A.weight"] = (config.r, in_f)
+        expected[f"{name}.lora_B.weight"] = (out_f, config.r)
+        if config.variant == "dora":
+            expected[f"{name}.lora_magnitude_vector"] = (out_f,)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_path}: adapter keys do not match the model "
+            f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+        )
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(
+                f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, the model expects {shape} "
+                "(was this adapter trained on a different base model?)"
+            )
+
+    inject_adapters(model, config)
+    with torch.no_grad():
+        for name in targets:
+            module = model.get_submodule(name)
+            module.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
+            module.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
+            if isinstance(module, DoRALinear):
+                module.lora_magnitude_vector.copy_(tensors[f"{name}.lora_magnitude_vector"])
+    return targets
+
+
+# ------------------------------------------------------------------------------------- merged export
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The model's weights under checkpoint names with adapters merged and NF4 dequantized.
+
+    Computed functionally: the model itself is not changed. Tied tensors are written once (the first
+    name, e.g. `model.embed_tokens.weight`; the tied `lm_head.weight` is left out, as in HF files).
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+
+    def add(name: str, tensor: Tensor | None, owned: bool = True) -> None:
+        if tensor is None:
+            return
+        if owned:  # a module's own parameter or buffer: skip it if it is tied to one already written
+            if tensor.data_ptr() in seen:
+                return
+            seen.add(tensor.data_ptr())
+        cast = dtype if tensor.is_floating_point() else tensor.dtype
+        out[name] = tensor.detach().to("cpu", cast).contiguous()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if isinstance(module, LoRALinear):
+            weight = base_weight(module.base_layer).detach().float()
+            add(prefix + "weight", weight if module.merged else module.merged_weight(weight), owned=False)
+            add(prefix + "bias", getattr(module.base_layer, "bias", None))
+            return
+        if isinstance(module, NF4Linear):
+            add(prefix + "weight", module.dequantize(), owned=False)
+            add(prefix + "bias", module.bias)
+            return
+        for name, param in module.named_parameters(recurse=False):
+            add(prefix + name, param)
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                add(prefix + name, buf)
+        for name, child in module.named_children():
+            visit(f"{prefix}{name}.", child)
+
+    with torch.no_grad():
+        visit("", model)
+    return out
+
+
+def export_merged(
+    model: nn.Module,
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write a transformers-loadable folder: source config / tokenizer files + merged model.safetensors.
+
+    NF4 base weights are dequantized before the merge (the adapter was trained against them, not
+    against the original bf16 weights). `dtype` is the stored dtype; config.json's dtype is updated to
+    match and a quantization_config, if any, is dropped. Re-evaluate the exported model: rounding to
+    `dtype` after the merge can move scores.
+    """
+    source, out = Path(source_dir), Path(out_dir)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source / 'config.json'}: the source checkpoint's config.json is needed for export")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in COPIED_FILES:
+        if (source / name).is_file() and name != "config.json":
+            _atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+    config = json.loads((source / "config.json").read_text())
+    config.pop("quantization_config", None)
+    dtype_name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype_name
+    _write_json(out / "config.json", config)
+    tensors = merged_state_dict(model, dtype)
+    _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return out
