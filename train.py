@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(RunConfig, parser.parse_args(argv))
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

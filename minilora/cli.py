@@ -21,9 +21,12 @@ def _base_type(annotation: Any) -> type:
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     for f in fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if str(f.type).startswith("list"):  # repeatable: --adapter A B or --adapter A --adapter B
+            parser.add_argument(flag, action="extend", nargs="+", default=[], help=help_text)
+            continue
         kind = _base_type(f.type)
         default = f.default if f.default is not MISSING else None
-        help_text = f.metadata.get("help", "")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:

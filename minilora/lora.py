@@ -339,3 +339,16 @@ def trainable_summary(model: nn.Module) -> str:
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     percent = 100 * trainable / max(total, 1)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
+
+
+def remove_adapters(model: nn.Module) -> list[str]:
+    """Put every wrapped layer's `base_layer` back (unmerged adapters are simply dropped), so another
+    adapter can be loaded onto the same base. Returns the unwrapped module names."""
+    names = [name for name, _ in lora_modules(model)]
+    for name in names:
+        module = model.get_submodule(name)
+        if module.merged:
+            module.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
+    return names

@@ -76,12 +76,17 @@ class PromptFormatter:
         return filled
 
     def prompt_ids(self, text: str) -> list[int]:
-        """Token ids of the prompt with BOS exactly once (the chat template writes its own BOS)."""
+        """Token ids of the prompt, starting with BOS exactly once when the checkpoint uses one.
+
+        The chat template writes its own BOS (Gemma); a tokenizer that does not add BOS by itself
+        (SmolLM2, whose "bos" <|im_start|> opens every chat turn) gets none added."""
         tok = self.tokenizer
         ids = tok.encode(self.prompt_text(text), add_special_tokens=False)
-        if tok.bos_id is not None and (self.chat or tok.adds_bos) and (not ids or ids[0] != tok.bos_id):
+        if tok.adds_bos and (not ids or ids[0] != tok.bos_id):
             ids = [tok.bos_id] + ids
-        if tok.bos_id is not None and ids.count(tok.bos_id) > 1:
+        if tok.bos_id is not None and ids[:2] == [tok.bos_id, tok.bos_id]:
+            raise PromptError(f"prompt for {text[:40]!r} starts with BOS twice (template and tokenizer both add it)")
+        if tok.adds_bos and not self.chat and ids.count(tok.bos_id) != 1:
             raise PromptError(f"prompt for {text[:40]!r} holds BOS {ids.count(tok.bos_id)} times; expected once")
         return ids
 

@@ -1,0 +1,122 @@
+"""Baseline vs fine-tuned: evaluate the base model and each adapter on one split, side by side.
+
+The code behind eval.py. The base model is loaded once; each adapter is injected, evaluated (and,
+with check_merge, merged and evaluated again: merging must not change predictions), then removed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import data as data_mod
+from .adapter_io import load_adapter
+from .device import pick_device, pick_dtype
+from .evaluate import evaluate
+from .finetune import build_model, make_formatter, opt
+from .lora import merge_adapters, remove_adapters
+from .quant import dequantize_nf4
+from .report import atomic_write, comparison_table
+
+
+@dataclass
+class EvalConfig:
+    """eval.py's flags."""
+
+    model: str = opt("gemma-3-270m", "Hub id, local HF folder, or packaged short name")
+    adapter: list[str] = field(default_factory=list, metadata={"help": "adapter folder(s) to compare with the base"})
+    baseline: bool = opt(True, "evaluate the base model alone as well")
+    data: str | None = opt(None, "same forms as train.py --data")
+    agreement: str = opt("50", "FinancialPhraseBank agreement level", choices=["50", "66", "75", "all"])
+    split_protocol: str = opt("seed", "seed or standard (1,212 test rows)", choices=["seed", "standard"])
+    train_per_class: int = opt(300, "seed protocol: training rows per class")
+    test_per_class: int = opt(300, "seed protocol: test rows per class")
+    seed: int = opt(42, "seed of the split (use the training run's)")
+    split: str = opt("test", "which split to evaluate", choices=["train", "validation", "test"])
+    limit: int = opt(0, "evaluate only the first N rows (0: all)")
+    method: str = opt("score", "score: label log-probabilities; generate: greedy decoding", choices=["score", "generate"])
+    batch_size: int = opt(16, "rows per forward pass")
+    prompt_template: str | None = opt(None, "prompt template file with one {text} slot (as in training)")
+    prompt_format: str = opt("auto", "auto, chat or plain (as in training)", choices=["auto", "chat", "plain"])
+    qlora: bool = opt(False, "load the base in NF4 (for adapters trained with --qlora)")
+    check_merge: bool = opt(False, "also evaluate each adapter merged into the base and report differences")
+    output_dir: str = opt("runs/eval", "where reports go (one subfolder per run)")
+    device: str = opt("auto", "cpu, cuda or auto")
+    dtype: str = opt("auto", "auto, fp32 or bf16")
+
+
+def _check_base(expected_model: str):
+    def check(raw: dict) -> None:
+        base = raw.get("base_model_name_or_path")
+        if base and base != expected_model and Path(base).name != Path(expected_model).name:
+            raise ValueError(
+                f"adapter was trained on base model {base!r}, but --model is {expected_model!r}; "
+                "pass the adapter's base model"
+            )
+
+    return check
+
+
+def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
+    if not cfg.adapter and not cfg.baseline:
+        raise ValueError("nothing to evaluate: give --adapter DIR and/or keep --baseline")
+    splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
+                                   train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed)
+    examples = getattr(splits, cfg.split)
+    if cfg.limit > 0:
+        examples = examples[: cfg.limit]
+    if not examples:
+        raise ValueError(f"the {cfg.split} split is empty")
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
+    loaded, tokenizer = build_model(cfg.model, device, dtype, cfg.qlora)
+    model = loaded.model
+    formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)
+    out = Path(cfg.output_dir)
+    meta = {"model": cfg.model, "split": cfg.split, "split_protocol": cfg.split_protocol, "seed": cfg.seed,
+            "rows": len(examples), "prompt_format": "chat" if formatter.chat else "plain"}
+    log(f"evaluating {len(examples)} {cfg.split} rows of {cfg.model} with method {cfg.method!r}")
+
+    def one(name: str, adapter: str | None) -> dict:
+        metrics = evaluate(model, formatter, examples, out / name, name, method=cfg.method,
+                           batch_size=cfg.batch_size, meta={**meta, "adapter": adapter})
+        log(f"{name}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+            f"{metrics['examples_per_s']:.1f} examples/s")
+        return metrics
+
+    results: dict[str, dict] = {}
+    if cfg.baseline:
+        results["baseline"] = one("baseline", None)
+    merge_notes = {}
+    for index, adapter_dir in enumerate(cfg.adapter):
+        name = Path(adapter_dir).resolve().name if len(cfg.adapter) == 1 else f"adapter{index + 1}-{Path(adapter_dir).name}"
+        load_adapter(model, adapter_dir, config_check=_check_base(cfg.model))
+        results[name] = one(name, adapter_dir)
+        if cfg.check_merge:
+            if cfg.qlora:  # merge onto the NF4 weights the adapter was trained against, dequantized
+                dequantize_nf4(model, dtype)
+            merge_adapters(model)
+            merged = one(name + "-merged", adapter_dir)
+            results[name + "-merged"] = merged
+            differing = sum(a != b for a, b in zip(results[name]["predicted"], merged["predicted"]))
+            merge_notes[name] = {"rows_with_different_prediction": differing,
+                                 "accuracy_unmerged": results[name]["accuracy"], "accuracy_merged": merged["accuracy"]}
+            log(f"{name}: merging changed {differing} of {len(examples)} predictions")
+        remove_adapters(model)
+        if cfg.check_merge and cfg.qlora:  # the base was dequantized: reload it for the next adapter
+            loaded, _ = build_model(cfg.model, device, dtype, cfg.qlora)
+            model = loaded.model
+
+    table = comparison_table({name: m for name, m in results.items()})
+    summary = f"# Evaluation of {cfg.model} on the {cfg.split} split ({len(examples)} rows, method {cfg.method})\n\n{table}\n"
+    if merge_notes:
+        summary += "\n## Merge check\n\n" + "\n".join(f"- {k}: {json.dumps(v)}" for k, v in merge_notes.items()) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "comparison.md", summary)
+    atomic_write(out / "comparison.json", json.dumps(
+        {"config": asdict(cfg), "merge_check": merge_notes,
+         "runs": {k: {m: v for m, v in r.items() if m != "predicted"} for k, r in results.items()}},
+        indent=2, default=str))
+    log("\n" + table)
+    return results

@@ -1,0 +1,57 @@
+"""Classify sentences with a trained adapter.
+
+    python -m minilora.predict --model gemma-3-270m --adapter runs/finetune/adapter "Profit rose 20 %."
+    cat sentences.txt | python -m minilora.predict --model gemma-3-270m --adapter runs/finetune/adapter
+
+Prints one JSON line per sentence: the label and each label's probability (the label-sequence
+probabilities renormalised over the label set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .adapter_io import load_adapter
+from .device import pick_device, pick_dtype
+from .finetune import build_model, make_formatter
+from .prompts import DEFAULT_LABELS
+from .scoring import label_logprobs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sentences", nargs="*", help="sentences to classify (default: one per line on stdin)")
+    parser.add_argument("--model", default="gemma-3-270m", help="base model the adapter was trained on")
+    parser.add_argument("--adapter", default=None, help="adapter folder (omit for the zero-shot base model)")
+    parser.add_argument("--labels", default=",".join(DEFAULT_LABELS), help="comma-separated label set")
+    parser.add_argument("--prompt-template", default=None, help="template file used in training")
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"])
+    parser.add_argument("--qlora", action="store_true", help="load the base in NF4 as in QLoRA training")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args(argv)
+    sentences = args.sentences or [line.strip() for line in sys.stdin if line.strip()]
+    if not sentences:
+        print("error: no sentences given (arguments or stdin)", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    loaded, tokenizer = build_model(args.model, device, pick_dtype(device, args.dtype), args.qlora)
+    if args.adapter:
+        load_adapter(loaded.model, args.adapter)
+    labels = tuple(label.strip() for label in args.labels.split(","))
+    formatter = make_formatter(tokenizer, args.prompt_format, args.prompt_template, labels)
+    logprobs = label_logprobs(loaded.model, formatter, sentences)
+    probabilities = torch.softmax(logprobs, dim=1)
+    for sentence, probs in zip(sentences, probabilities.tolist()):
+        best = max(range(len(labels)), key=lambda i: probs[i])
+        print(json.dumps({"text": sentence, "label": labels[best],
+                          "probabilities": {label: round(p, 4) for label, p in zip(labels, probs)}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

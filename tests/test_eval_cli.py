@@ -1,0 +1,126 @@
+"""eval.py / predict on a tiny checkpoint: side-by-side reports, merge re-evaluation, bad input."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from minilora.adapter_io import save_adapter
+from minilora.checkpoint import load_model
+from minilora.compare import EvalConfig, run_comparison
+from minilora.data import DataError
+from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
+from tests.tiny import hf_model, save_tiny_checkpoint, tiny_gemma_config, tiny_llama_config
+
+QUIET = dict(log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    folder = save_tiny_checkpoint(root / "model", hf_model(tiny_llama_config()))
+    data = root / "rows.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label", "split"])
+        for i in range(12):
+            writer.writerow([f"w{i} w{i + 20}, w{i + 40}", ("positive", "neutral", "negative")[i % 3],
+                             "test" if i >= 6 else "train"])
+    adapters = {}
+    for name, qlora in (("plain", False), ("qlora", True)):
+        torch.manual_seed(0)
+        model = load_model(folder).model
+        if qlora:
+            from minilora.quant import quantize_nf4
+
+            quantize_nf4(model)
+        inject_adapters(model, LoraConfig(r=4, alpha=8))
+        with torch.no_grad():
+            for p in adapter_parameters(model):
+                p.normal_(0, 0.3)
+        adapters[name] = save_adapter(model, root / name, base_model_name_or_path=str(folder))
+    return folder, data, adapters, root
+
+
+def _cfg(setup, out, **kw):
+    folder, data, adapters, _ = setup
+    base = dict(model=str(folder), data=str(data), adapter=[str(adapters["plain"])], output_dir=str(out))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_baseline_and_adapter_side_by_side(setup, tmp_path):
+    results = run_comparison(_cfg(setup, tmp_path), **QUIET)
+    assert list(results) == ["baseline", "plain"]
+    for run in ("baseline", "plain"):
+        for name in ("report.json", "predictions.csv", "confusion_matrix.png", "summary.md"):
+            assert (tmp_path / run / name).is_file()
+    table = (tmp_path / "comparison.md").read_text()
+    assert "baseline" in table and "plain" in table
+    with (tmp_path / "plain" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert set(rows[0]) >= {"text", "gold", "predicted", "logprob_positive", "logprob_neutral", "logprob_negative"}
+    assert len(rows) == 6 and all(float(r["logprob_neutral"]) < 0 for r in rows)
+    with (tmp_path / "baseline" / "predictions.csv").open() as f:
+        base_rows = list(csv.DictReader(f))
+    assert [r["text"] for r in base_rows] == [r["text"] for r in rows]
+    assert any(abs(float(a["logprob_positive"]) - float(b["logprob_positive"])) > 1e-3 for a, b in zip(rows, base_rows))
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_merged_adapter_gives_the_same_predictions(setup, tmp_path, qlora):
+    adapter = setup[2]["qlora" if qlora else "plain"]
+    results = run_comparison(_cfg(setup, tmp_path, adapter=[str(adapter)], baseline=False, check_merge=True,
+                                  qlora=qlora), **QUIET)
+    name = adapter.name
+    report = json.loads((tmp_path / "comparison.json").read_text())
+    assert report["merge_check"][name]["rows_with_different_prediction"] == 0
+    assert results[name]["predicted"] == results[name + "-merged"]["predicted"]
+
+
+def test_generate_method_reports_invalid_answers(setup, tmp_path):
+    results = run_comparison(_cfg(setup, tmp_path, adapter=[], method="generate"), **QUIET)
+    metrics = results["baseline"]
+    assert metrics["n"] == 6
+    assert metrics["n_invalid"] + sum(p in ("positive", "neutral", "negative") for p in metrics["predicted"]) == 6
+
+
+def test_adapter_for_another_base_model_is_refused(setup, tmp_path):
+    other = save_tiny_checkpoint(tmp_path / "other", hf_model(tiny_gemma_config()))
+    with pytest.raises(ValueError, match="adapter was trained on base model"):
+        run_comparison(_cfg(setup, tmp_path / "out", model=str(other)), **QUIET)
+
+
+def test_adapter_with_other_shapes_is_refused(setup, tmp_path):
+    folder, data, adapters, _ = setup
+    other = save_tiny_checkpoint(tmp_path / "model", hf_model(tiny_llama_config(hidden_size=32)))
+    with pytest.raises(ValueError, match="has shape .* the model expects"):
+        run_comparison(_cfg(setup, tmp_path / "out", model=str(other)), **QUIET)
+
+
+def test_empty_data_file_is_refused(setup, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(DataError):
+        run_comparison(_cfg(setup, tmp_path / "out", data=str(empty)), **QUIET)
+
+
+def test_unknown_label_is_refused(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "w1", "label": "bullish"}) + "\n")
+    with pytest.raises(DataError, match="bullish"):
+        run_comparison(_cfg(setup, tmp_path / "out", data=str(bad)), **QUIET)
+
+
+def test_predict_cli_prints_label_and_probabilities(setup, capsys):
+    from minilora.predict import main
+
+    folder, _, adapters, _ = setup
+    assert main(["--model", str(folder), "--adapter", str(adapters["plain"]), "w1 w2", "w3"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["w1 w2", "w3"]
+    for line in lines:
+        assert line["label"] in ("positive", "neutral", "negative")
+        assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert max(line["probabilities"], key=line["probabilities"].get) == line["label"]
