@@ -7,24 +7,14 @@ Writes one report folder per run (report.json, predictions.csv, confusion_matrix
 and comparison.md with the side-by-side table.
 """
 
-import argparse
 import sys
 
-from minilora.cli import add_config_arguments, config_from_args
+from minilora.cli import run_cli
 from minilora.compare import EvalConfig, run_comparison
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, EvalConfig)
-    parser.set_defaults(adapter=[])
-    cfg = config_from_args(EvalConfig, parser.parse_args(argv))
-    try:
-        run_comparison(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(EvalConfig, run_comparison, __doc__, argv)
 
 
 if __name__ == "__main__":

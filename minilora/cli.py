@@ -36,3 +36,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
 
 def config_from_args(config_cls: type, args: argparse.Namespace):
     return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+
+
+def run_cli(config_cls: type, run, description: str, argv=None) -> int:
+    """Parse flags into config_cls, call run(config); errors print one line and exit with code 2."""
+    import sys
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, config_cls)
+    config = config_from_args(config_cls, parser.parse_args(argv))
+    try:
+        run(config)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

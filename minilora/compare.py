@@ -14,7 +14,7 @@ from . import data as data_mod
 from .adapter_io import load_adapter
 from .device import pick_device, pick_dtype
 from .evaluate import evaluate
-from .finetune import build_model, make_formatter, opt
+from .finetune import build_model, make_formatter, opt, subset_rows
 from .lora import merge_adapters, remove_adapters
 from .quant import dequantize_nf4
 from .report import atomic_write, comparison_table
@@ -34,7 +34,7 @@ class EvalConfig:
     test_per_class: int = opt(300, "seed protocol: test rows per class")
     seed: int = opt(42, "seed of the split (use the training run's)")
     split: str = opt("test", "which split to evaluate", choices=["train", "validation", "test"])
-    limit: int = opt(0, "evaluate only the first N rows (0: all)")
+    limit: int = opt(0, "evaluate a seeded random subset of N rows (0: all)")
     method: str = opt("score", "score: label log-probabilities; generate: greedy decoding", choices=["score", "generate"])
     batch_size: int = opt(16, "rows per forward pass")
     prompt_template: str | None = opt(None, "prompt template file with one {text} slot (as in training)")
@@ -64,8 +64,7 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
                                    train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed)
     examples = getattr(splits, cfg.split)
-    if cfg.limit > 0:
-        examples = examples[: cfg.limit]
+    examples = subset_rows(examples, cfg.limit, cfg.seed)
     if not examples:
         raise ValueError(f"the {cfg.split} split is empty")
     device = pick_device(cfg.device)

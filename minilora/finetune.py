@@ -77,6 +77,7 @@ class RunConfig:
     eval_every: int = opt(25, "validate (loss + accuracy) every N steps; 0: only at the end")
     val_limit: int = opt(150, "validation rows used (0: all)")
     save_every: int = opt(25, "checkpoint every N steps; 0: only at the end")
+    eval_limit: int = opt(0, "evaluate a seeded random subset of N test rows at the end (0: all)")
     eval_method: str = opt("score", "final test evaluation method", choices=["score", "generate"])
     eval_baseline: bool = opt(False, "also evaluate the base model (adapters disabled) on the test split")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
@@ -126,7 +127,7 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
             raise RunError(f"--resume: {out} holds no run (run_config.json missing)")
         previous = json.loads(saved.read_text())
         ignore = {"resume", "overwrite", "eval_baseline", "device"}
-        changed = {k: (previous.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and previous.get(k) != v}
+        changed = {k: (previous[k], v) for k, v in asdict(cfg).items() if k not in ignore and k in previous and previous[k] != v}
         if changed:
             raise RunError(f"--resume: settings differ from the run in {out}: "
                            + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
@@ -183,7 +184,7 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)
     sample_order = (lambda epoch: data_mod.balanced_order(splits.train, cfg.seed, epoch)) if cfg.balanced_sampling else None
-    validation = _validation_subset(splits.validation, cfg.val_limit, cfg.seed)
+    validation = subset_rows(splits.validation, cfg.val_limit, cfg.seed)
     validate = (lambda m: validation_scores(m, formatter, validation, cfg.max_seq_len, cfg.batch_size)) if validation else None
 
     result = train(model, train_examples, cfg.loop_config(), out, tokenizer.pad_id, class_weights=weights,
@@ -193,21 +194,24 @@ def run(cfg: RunConfig, log=print) -> dict:
         f"adapter saved to {out / 'adapter'}")
 
     meta = {"model": cfg.model, "adapter": str(out / "adapter"), "seed": cfg.seed, "split_protocol": cfg.split_protocol}
-    metrics = evaluate(model, formatter, splits.test, out / "eval", "fine-tuned", method=cfg.eval_method,
+    test_rows = subset_rows(splits.test, cfg.eval_limit, cfg.seed)
+    metrics = evaluate(model, formatter, test_rows, out / "eval", "fine-tuned", method=cfg.eval_method,
                        batch_size=max(cfg.batch_size, 16), meta=meta)
-    log(f"test accuracy ({cfg.eval_method}, {len(splits.test)} rows): {metrics['accuracy']:.4f}, "
+    log(f"test accuracy ({cfg.eval_method}, {len(test_rows)} rows): {metrics['accuracy']:.4f}, "
         f"macro F1 {metrics['macro_f1']:.4f}")
     if cfg.eval_baseline:
         from .lora import disable_adapters
 
         with disable_adapters(model):
-            base = evaluate(model, formatter, splits.test, out / "eval_baseline", "baseline",
+            base = evaluate(model, formatter, test_rows, out / "eval_baseline", "baseline",
                             method=cfg.eval_method, batch_size=max(cfg.batch_size, 16), meta={**meta, "adapter": None})
         log(f"baseline test accuracy: {base['accuracy']:.4f}")
     return metrics
 
 
-def _validation_subset(examples: list, limit: int, seed: int) -> list:
+def subset_rows(examples: list, limit: int, seed: int) -> list:
+    """A seeded random subset of `limit` rows in their original order (files are often sorted by class,
+    so the first N rows would not be representative)."""
     if limit <= 0 or len(examples) <= limit:
         return list(examples)
     import numpy as np
