@@ -1,0 +1,200 @@
+"""Helpers shared by bench_train.py and bench_eval.py.
+
+Nothing here imports torch at module level: the training benchmark's driver process stays small, so
+the peak RSS a worker reports (`ru_maxrss`, which Linux carries across fork + exec) is the worker's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared/data/financial_phrasebank/FinancialPhraseBank-v1.0.zip"
+if str(REPO) not in sys.path:  # run as `python benchmarks/bench_*.py` without installing minilora
+    sys.path.insert(0, str(REPO))
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# --------------------------------------------------------------------------------- process / system
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` intra-op threads (None: torch's default); returns the count in use."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def reference_stack_missing() -> str | None:
+    """None when transformers and peft can be imported, else a one-line reason."""
+    import importlib.util
+
+    missing = [name for name in ("transformers", "peft") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install -e .[bench]); the reference stack is skipped"
+    return None
+
+
+def run_worker(script: Path, args: list[str]) -> dict:
+    """Run `python script args` and return the JSON object of the last stdout line that is one.
+
+    The worker's stderr goes straight to ours (progress lines); a failing worker raises RuntimeError."""
+    cmd = [sys.executable, str(script), *args]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stdout.splitlines()[-20:])
+        raise RuntimeError(f"worker {' '.join(cmd[2:])} exited with {proc.returncode}; stdout tail:\n{tail}")
+    return json.loads(lines[-1])
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------- data, model
+
+
+def load_splits(data: str | Path, seed: int = 42):
+    """FinancialPhraseBank with the default seed protocol: 900 train / 900 test rows (300 per class)."""
+    from minilora.data import load_dataset
+
+    return load_dataset(str(data), seed=seed)
+
+
+def make_formatter_for(folder: Path, prompt_format: str, labels: tuple[str, ...]):
+    """minilora's PromptFormatter for a checkpoint folder (both stacks tokenize through it)."""
+    from minilora.finetune import make_formatter
+    from minilora.tokenizer import Tokenizer
+
+    return make_formatter(Tokenizer(folder), prompt_format, None, labels)
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+
+
+def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(in, out) of each projection of one decoder layer of a minilora ModelConfig."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=TARGETS,
+               shared_prefix: int = 0) -> dict[str, float]:
+    """Useful FLOPs of one training step (forward + backward) of a batch of rows, from the config.
+
+    lengths[b]: real (non-pad) tokens of row b; supervised[b]: positions of row b whose next token is
+    supervised (where the LM head runs). Per real token and layer:
+
+    * frozen projections: 2 * P_linear forward + 2 * P_linear backward (activation gradients only:
+      the base weights get no gradient);
+    * LoRA: 2 * r * (in + out) forward, 4 * r * (in + out) backward (activation and A / B gradients);
+    * attention: 2 * 2 * ctx * n_heads * head_dim forward (QK^T and AV), twice that backward, with ctx
+      the keys the token really attends to (t + 1 for position t, capped by the sliding window):
+      the exact causal sum, not a full T x T square.
+
+    Plus the LM head at supervised positions only: 2 * H * V forward + 2 * H * V backward.
+    Not counted: gradient-checkpoint recomputation, padding, positions whose logits are skipped,
+    norms / activations / softmax / RoPE (elementwise), the optimizer. shared_prefix = P > 0 counts
+    the first P tokens once for the whole batch (what --share-prefix computes).
+    """
+    shapes = linear_shapes(cfg)
+    p_linear = sum(a * b for a, b in shapes.values())
+    p_lora = sum(r * (a + b) for name, (a, b) in shapes.items() if name in targets)
+    per_token = cfg.num_layers * (4 * p_linear + 6 * p_lora)
+    attn_unit = 12 * cfg.num_heads * cfg.head_dim  # (4 forward + 8 backward) per key attended to
+    window = cfg.sliding_window
+
+    def context_sum(start: int, stop: int, kind: str) -> int:
+        """Sum over positions t in [start, stop) of the keys visible to t."""
+        if kind == "sliding_attention" and window is not None:
+            return sum(min(t + 1, window) for t in range(start, stop))
+        return (stop * (stop + 1) - start * (start + 1)) // 2
+
+    tokens = attention = 0
+    for row, length in enumerate(lengths):
+        start = shared_prefix if row > 0 else 0  # rows after the first reuse the prefix keys / values
+        tokens += length - start
+        attention += sum(context_sum(start, length, kind) for kind in cfg.layer_types) * attn_unit
+    body = tokens * per_token
+    head = sum(supervised) * 4 * cfg.hidden_size * cfg.vocab_size
+    return {"total": body + attention + head, "linear_and_lora": body, "attention": attention, "lm_head": head,
+            "tokens_computed": tokens}
+
+
+def matmul_gflops(seconds: float, n: int = 2048) -> float:
+    """fp32 torch.mm rate of n x n @ n x n, repeated for about `seconds` (same threads as the caller)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    count, started = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        count += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return count * 2 * n**3 / elapsed / 1e9
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) if not isinstance(cell, str) else cell for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        log(f"wrote {path}")
+
+
+def environment() -> dict:
+    """Machine facts worth keeping next to the numbers."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_average_1m": os.getloadavg()[0]}
+    for name in ("transformers", "peft"):  # versions from metadata: importing them would inflate RSS
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = None
+    return info
