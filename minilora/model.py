@@ -139,12 +139,14 @@ class Attention(nn.Module):
             k = torch.cat((past_k.expand(batch, -1, -1, -1), k), dim=2)  # (B, n_kv, S + T, hd)
             v = torch.cat((past_v.expand(batch, -1, -1, -1), v), dim=2)
         present = (k, v)
-        if self.num_kv_heads != self.num_heads:  # grouped-query attention
+        grouped = self.num_kv_heads != self.num_heads  # grouped-query attention
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=grouped
+            )
+        else:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if self.softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        else:
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(out), present
