@@ -11,7 +11,7 @@ from minilora.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
-LOGIT_TOL = 2e-3  # fp32, 18 / 30 layers, 49k / 262k vocabulary; measured max diffs are reported on failure
+LOGIT_TOL = 1e-4  # fp32; measured max-abs diff on these prompts: 0.0 for both checkpoints (same op order)
 
 
 def _transformers_model(name):
