@@ -67,14 +67,12 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 
 def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     token = os.environ.get("HF_TOKEN")
     try:  # local cache first: no network round trip when the files are already there
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS, local_files_only=True, token=token))
-    except LocalEntryNotFoundError:
-        pass
-    except Exception:  # noqa: BLE001 - any cache problem: fall through to a download attempt
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or a broken cache: try the Hub
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
