@@ -60,8 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"], help="as train.py")
-    p.add_argument("--share-prefix", action="store_true", help="minilora computes the shared instruction once "
-                                                               "per batch (the reference cannot)")
+    p.add_argument("--configs", default="selective",
+                   help="comma-separated minilora configurations, each run against the same reference: a "
+                        "checkpoint policy (selective, full), optionally +share (shared instruction prefix, "
+                        "which the reference cannot do), e.g. selective,full,selective+share")
+    p.add_argument("--checkpoint-policy", default="selective", choices=["selective", "full"], help=argparse.SUPPRESS)
+    p.add_argument("--share-prefix", action="store_true", help=argparse.SUPPRESS)  # worker side of +share
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for both stacks (default: torch's)")
     p.add_argument("--matmul-seconds", type=float, default=3.0, help="duration of the fp32 matmul rate probe")
@@ -74,10 +78,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.warmup, args.rounds, args.rows, args.matmul_seconds = 2, 0, 1, 16, 1.0
     if args.warmup >= args.steps:
         p.error(f"--warmup {args.warmup} leaves no timed step out of --steps {args.steps}")
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for config in args.configs:
+        if config.split("+")[0] not in ("selective", "full") or config.split("+")[1:] not in ([], ["share"]):
+            p.error(f"--configs: {config!r} is not POLICY or POLICY+share with POLICY selective or full")
     return args
 
 
-def worker_argv(args: argparse.Namespace, stack: str) -> list[str]:
+def config_label(config: str) -> str:
+    policy, _, share = config.partition("+")
+    return f"minilora {policy}" + (" + shared prefix" if share else "")
+
+
+def worker_argv(args: argparse.Namespace, stack: str, config: str = "") -> list[str]:
     """The flags that define the workload, passed on to a worker (smoke already expanded)."""
     argv = ["--worker", stack, "--model", args.model, "--data", args.data, "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--rows", str(args.rows), "--batch-size", str(args.batch_size),
@@ -88,8 +101,9 @@ def worker_argv(args: argparse.Namespace, stack: str) -> list[str]:
             "--seed", str(args.seed), "--matmul-seconds", str(args.matmul_seconds)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
-    if args.share_prefix:
-        argv.append("--share-prefix")
+    if config:
+        policy, _, share = config.partition("+")
+        argv += ["--checkpoint-policy", policy] + (["--share-prefix"] if share else [])
     return argv
 
 
@@ -175,6 +189,7 @@ def minilora_worker(args: argparse.Namespace) -> dict:
     inject_adapters(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                       target_modules=list(TARGETS)))
     model.gradient_checkpointing = True
+    model.checkpoint_policy = args.checkpoint_policy
     model.train()
     params = adapter_parameters(model)
     checksum = init_checksum(p for n, p in model.named_parameters() if "lora_A" in n)
@@ -192,7 +207,8 @@ def minilora_worker(args: argparse.Namespace) -> dict:
 
     result = training_loop(args, "minilora", step_fn, batches, optimizer, params, flops_of)
     return {"stack": "minilora", "threads": threads, "load_s": load_s, "folder": str(folder),
-            "prompt_format": prompt_format, "init_checksum": checksum, "share_prefix": args.share_prefix, **result,
+            "prompt_format": prompt_format, "init_checksum": checksum, "share_prefix": args.share_prefix,
+            "checkpoint_policy": args.checkpoint_policy, **result,
             "matmul_gflops_per_s": matmul_gflops(args.matmul_seconds), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -261,47 +277,45 @@ def summarize(runs: list[dict], warmup: int) -> dict:
 
 
 def report(args: argparse.Namespace, results: dict[str, dict], threads: int, skipped: str | None) -> str:
-    m, ref = results.get("minilora"), results.get("reference")
-
-    def ratio(key: str):
-        return m[key] / ref[key] if m and ref else None
-
-    def value(summary, key):
-        return summary[key] if summary else None
-
-    rows = [
-        ["seconds / optimizer step (median)", value(m, "median_step_s"), value(ref, "median_step_s"), ratio("median_step_s")],
-        ["training tokens / s (non-pad)", value(m, "tokens_per_s"), value(ref, "tokens_per_s"), ratio("tokens_per_s")],
-        ["peak RSS (MiB)", value(m, "peak_rss_mb"), value(ref, "peak_rss_mb"), ratio("peak_rss_mb")],
-        ["final loss", value(m, "final_loss"), value(ref, "final_loss"), None],
-        ["useful GFLOP/s", value(m, "useful_gflops_per_s"), value(ref, "useful_gflops_per_s"), ratio("useful_gflops_per_s")],
-        ["model load (s)", value(m, "load_s"), value(ref, "load_s"), None],
-    ]
+    """One row per run configuration; ratios are against the reference of the same run."""
+    ref = results.get("reference")
+    rows = []
+    for name, r in results.items():
+        if name == "comparison":
+            continue
+        speedup = ref["median_step_s"] / r["median_step_s"] if ref else None
+        rss_ratio = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else None
+        loss_diff = (max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])) if ref else None)
+        rows.append([name, r["median_step_s"], speedup, r["tokens_per_s"], r["peak_rss_mb"], rss_ratio,
+                     r["final_loss"], loss_diff, r["useful_gflops_per_s"], r["matmul_gflops_per_s"],
+                     r["useful_gflops_per_s"] / r["matmul_gflops_per_s"], r["load_s"]])
     timed = args.steps - args.warmup
     lines = [f"## Training step: {args.model}, {args.steps} steps ({timed} timed after {args.warmup} warm-up), "
-             f"{args.rounds} round(s), batch {args.batch_size}, threads {threads}"
-             + (", minilora --share-prefix" if args.share_prefix else ""), "",
-             markdown_table(["", "minilora", "reference", "minilora / reference"], rows), ""]
+             f"{args.rounds} round(s), batch {args.batch_size}, threads {threads}", "",
+             markdown_table(["run", "s / step (median)", "speed-up vs reference", "tokens / s", "peak RSS (MiB)",
+                             "RSS / reference", "final loss", "max rel. loss diff vs reference", "useful GFLOP/s",
+                             "matmul GFLOP/s", "useful / matmul", "model load (s)"], rows), ""]
     if skipped:
         lines.append(f"reference: skipped ({skipped})")
-    if m and ref:
-        diffs = [abs(a - b) / abs(b) for a, b in zip(m["losses"], ref["losses"])]
-        worst = max(range(len(diffs)), key=diffs.__getitem__)
-        lines.append(f"loss curves: max relative difference {diffs[worst]:.3e} at step {worst + 1} "
-                     f"(minilora {m['losses'][worst]:.5f}, reference {ref['losses'][worst]:.5f}); "
-                     f"step 1: {m['losses'][0]:.5f} vs {ref['losses'][0]:.5f}")
-        same_init = abs(m["init_checksum"] - ref["init_checksum"]) <= 1e-6 * abs(ref["init_checksum"])
-        lines.append(f"initial adapter weights {'identical' if same_init else 'DIFFER'} (sum |A|: "
-                     f"{m['init_checksum']:.6f} vs {ref['init_checksum']:.6f})")
-        results["comparison"] = {"max_rel_loss_diff": diffs[worst], "max_rel_loss_diff_step": worst + 1,
-                                 "rel_loss_diff": diffs, "same_init": same_init,
-                                 "step_time_ratio": ratio("median_step_s"), "rss_ratio": ratio("peak_rss_mb")}
-    if m:
-        lines.append(f"minilora: useful GFLOP/s {m['useful_gflops_per_s']:.1f}, matmul GFLOP/s "
-                     f"{m['matmul_gflops_per_s']:.1f} (fp32 2048^3 torch.mm, same worker), ratio "
-                     f"{m['useful_gflops_per_s'] / m['matmul_gflops_per_s']:.3f}")
+    if ref:
+        comparison = {}
+        for name, r in results.items():
+            if name in ("reference", "comparison"):
+                continue
+            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])]
+            same_init = abs(r["init_checksum"] - ref["init_checksum"]) <= 1e-6 * abs(ref["init_checksum"])
+            lines.append(f"{name}: loss curve max relative difference {max(diffs):.3e} (step 1: "
+                         f"{r['losses'][0]:.5f} vs {ref['losses'][0]:.5f}); initial adapter weights "
+                         f"{'identical' if same_init else 'DIFFER'} (sum |A| {r['init_checksum']:.6f} vs "
+                         f"{ref['init_checksum']:.6f})")
+            comparison[name] = {"max_rel_loss_diff": max(diffs), "rel_loss_diff": diffs, "same_init": same_init,
+                                "speedup": ref["median_step_s"] / r["median_step_s"],
+                                "rss_ratio": r["peak_rss_mb"] / ref["peak_rss_mb"]}
+        results["comparison"] = comparison
+    lines.append("useful GFLOP/s counts the task's work only (no recomputation, padding or unneeded logits; "
+                 "see common.step_flops); matmul GFLOP/s is a fp32 2048^3 torch.mm in the same worker")
     for name, summary in results.items():
-        if name in STACKS and not summary["losses_same_every_round"]:
+        if name != "comparison" and not summary["losses_same_every_round"]:
             lines.append(f"note: {name}'s losses differ between rounds (non-deterministic run)")
     return "\n".join(lines)
 
@@ -320,18 +334,20 @@ def main(argv=None) -> int:
         stacks.remove("reference")
         if not stacks:
             return 0
-    runs: dict[str, list[dict]] = {stack: [] for stack in stacks}
+    jobs = [(config_label(c), "minilora", c) for c in args.configs if "minilora" in stacks]
+    jobs += [("reference", "reference", "")] if "reference" in stacks else []
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
     for round_index in range(args.rounds):
-        for stack in stacks:
-            log(f"round {round_index + 1}/{args.rounds}: {stack}")
+        for label, stack, config in jobs:
+            log(f"round {round_index + 1}/{args.rounds}: {label}")
             try:
-                runs[stack].append(run_worker(Path(__file__), worker_argv(args, stack)))
+                runs[label].append(run_worker(Path(__file__), worker_argv(args, stack, config)))
             except RuntimeError as err:  # the worker printed its own error / traceback on stderr
                 log(f"error: {err}")
                 return 2
 
     threads = next(iter(runs.values()))[0]["threads"]
-    results = {stack: summarize(stack_runs, args.warmup) for stack, stack_runs in runs.items()}
+    results = {label: summarize(label_runs, args.warmup) for label, label_runs in runs.items()}
     text = report(args, results, threads, skipped)
     print(text, flush=True)
     write_json(args.json, {"args": vars(args), "environment": environment(), "summary": results,

@@ -23,6 +23,7 @@ from .loss import completion_loss
 from .model import CausalLM
 from .prompts import PromptFormatter, collate, load_template
 from .quant import quantize_module_nf4
+from .recompute import CHECKPOINT_POLICIES
 from .scoring import label_logprobs, predict_labels
 from .tokenizer import Tokenizer
 from .trainer import LoopConfig, train
@@ -67,6 +68,9 @@ class RunConfig:
     target_modules: str = opt(DEFAULT_TARGETS, "comma-separated module names, or all-linear")
     qlora: bool = opt(False, "quantize the frozen base to NF4 (bitsandbytes) while loading")
     gradient_checkpointing: bool = opt(True, "recompute each block in backward to save memory")
+    checkpoint_policy: str = opt("selective", "what checkpointing keeps: selective = also the frozen projections' "
+                                              "outputs (faster, more memory); full = only dropout draws",
+                                 choices=list(CHECKPOINT_POLICIES))
     share_prefix: bool = opt(False, "compute the shared instruction prefix once per micro-batch (exact)")
     class_weights: str = opt("none", "per-example loss weights by class", choices=["none", "balanced"])
     balanced_sampling: bool = opt(False, "oversample minority classes in the training order")
@@ -180,6 +184,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     seed_everything(cfg.seed)  # adapters are initialised from this seed whatever loading consumed
     inject_adapters(model, cfg.lora_config())
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.checkpoint_policy = cfg.checkpoint_policy
     log(trainable_summary(model))
 
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .quant import NF4Linear
+from .recompute import dropout_mask
 
 # never adapted unless named explicitly: adapters on the LM head or embeddings do not load in vLLM /
 # llama.cpp (see docs/PITFALLS.md)
@@ -57,6 +58,16 @@ def _base_device(layer: nn.Module) -> torch.device:
     return layer.weight_nf4.device if isinstance(layer, NF4Linear) else layer.weight.device
 
 
+class FastDropout(nn.Dropout):
+    """nn.Dropout with the mask from `recompute.dropout_mask`: faster on CPU, and replayed exactly
+    when gradient checkpointing recomputes a block."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * dropout_mask(x.shape, self.p, x.device, x.dtype)
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update.
 
@@ -77,7 +88,7 @@ class LoRALinear(nn.Module):
         # fp32 whatever the base dtype: bf16 adapters lose small updates to rounding
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = FastDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True while the update lives inside base_layer.weight
         self.disabled = False  # set by `disable_adapters`
         self.reset_lora_parameters()
@@ -100,7 +111,7 @@ class LoRALinear(nn.Module):
 
     def adapter_output(self, x: Tensor, base_result: Tensor) -> Tensor:
         """The term added to the base output; x is already fp32."""
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+        return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)  # scale the r-wide product
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         """The base weight with the update folded in (fp32 in, fp32 out)."""

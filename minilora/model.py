@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
+from .recompute import checkpoint_context
 
 
 # ----------------------------------------------------------------------------------------- numerics
@@ -247,7 +248,8 @@ class Backbone(nn.Module):
 
 class CausalLM(nn.Module):
     """Decoder-only language model. `forward` is the single entry point for training, scoring and
-    generation; `gradient_checkpointing` recomputes each block in backward (non-reentrant)."""
+    generation; `gradient_checkpointing` recomputes each block in backward (non-reentrant), keeping
+    what `checkpoint_policy` says (see `recompute.py`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -257,6 +259,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.checkpoint_policy = "full"  # or "selective": also keep the frozen projections' outputs
         self._inv_freq: dict[tuple[str, torch.device], Tensor] = {}
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -314,13 +317,15 @@ class CausalLM(nn.Module):
         masks = self._masks(position_ids, valid, cache, attention_mask)
         h = self.embed(input_ids)
         ropes = {kind: self._rope(kind, position_ids, h.dtype) for kind in set(self.config.layer_types)}
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        context_fn = checkpoint_context(self.checkpoint_policy) if checkpointing else None
         presents = []
         for index, layer in enumerate(self.model.layers):
             kind = self.config.layer_types[index]
             cos, sin = ropes[kind]
             past = cache.layers[index] if cache is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, present = checkpoint(layer, h, cos, sin, masks[kind], past, use_reentrant=False)
+            if checkpointing:
+                h, present = checkpoint(layer, h, cos, sin, masks[kind], past, use_reentrant=False, context_fn=context_fn)
             else:
                 h, present = layer(h, cos, sin, masks[kind], past)
             presents.append(present)

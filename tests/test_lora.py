@@ -135,8 +135,14 @@ def test_all_linear_skips_lm_head_and_summary():
         ("gemma", "dora", False, 0.1),
     ],
 )
-def test_parity_with_peft(family, variant, rslora, dropout):
+def test_parity_with_peft(family, variant, rslora, dropout, monkeypatch):
     """Same A, B (and m) copied into peft: same logits and same gradients, DoRA dropout path included."""
+    import minilora.lora
+
+    # masks drawn as torch.nn.Dropout draws them, so both stacks drop the same entries (our own
+    # faster draw is tested in tests/test_recompute.py)
+    monkeypatch.setattr(minilora.lora, "dropout_mask", lambda shape, p, device, dtype:
+                        torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p) * (1 / (1 - p)))
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, set_peft_model_state_dict
 

@@ -1,0 +1,96 @@
+"""Gradient checkpointing policies and the dropout masks they replay (minilora/recompute.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
+from minilora.model import CausalLM
+from minilora.recompute import checkpoint_context, dropout_mask
+
+from .tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops by name while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _adapted(kind: str, dropout: float) -> CausalLM:
+    hf = hf_model(tiny_gemma_config() if kind == "gemma3" else tiny_llama_config())
+    model = twin(hf)
+    torch.manual_seed(0)
+    inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():  # non-zero B so the adapters shape the loss and every gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.train()
+
+
+def _step(model: CausalLM, mode: str, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Gradients of the adapters after one forward / backward, and the aten ops run in backward."""
+    model.gradient_checkpointing = mode != "none"
+    if mode != "none":
+        model.checkpoint_policy = mode
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # same dropout masks in every mode
+    loss = model(ids).logits.logsumexp(-1).mean()
+    with OpCounter() as counter:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return grads, counter.counts
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_policies_give_the_gradients_of_no_checkpointing(kind):
+    model = _adapted(kind, dropout=0.3)
+    ids = torch.randint(3, 150, (3, 20), generator=torch.Generator().manual_seed(1))
+    reference, plain_ops = _step(model, "none", ids)
+    assert len(reference) == len(adapter_parameters(model))
+    results = {mode: _step(model, mode, ids) for mode in ("full", "selective")}
+    for mode, (grads, _) in results.items():
+        assert grads.keys() == reference.keys()
+        for name, grad in grads.items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(grad, reference[name], rtol=0, atol=1e-6, msg=f"{mode}: {name}")
+    full_mm, selective_mm = results["full"][1].get("mm", 0), results["selective"][1].get("mm", 0)
+    # full replays every frozen projection in backward; selective keeps their outputs
+    n_frozen = sum(1 for n, _ in model.named_modules() if n.endswith("base_layer"))
+    assert full_mm - selective_mm == n_frozen, (full_mm, selective_mm)
+    assert plain_ops.get("mm", 0) < selective_mm  # what is left: the adapters' own rank-r products
+    # the dropout draws are kept, never redrawn: backward draws nothing in any mode
+    for mode, (_, ops) in results.items():
+        assert ops.get("randint", 0) == 0 and ops.get("bernoulli", 0) == 0, (mode, ops)
+
+
+def test_dropout_mask_rate_values_and_replay():
+    torch.manual_seed(5)
+    mask = dropout_mask(torch.Size((1000, 1000)), 0.05, torch.device("cpu"), torch.float32)
+    values = mask.unique()
+    torch.testing.assert_close(values, torch.tensor([0.0, 1 / 0.95]))
+    dropped = (mask == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002  # 1e6 draws: 5 sigma is ~0.001
+    assert abs(mask.mean().item() - 1.0) < 0.003  # inverted dropout keeps the expectation
+    torch.manual_seed(5)
+    again = dropout_mask(torch.Size((1000, 1000)), 0.05, torch.device("cpu"), torch.float32)
+    assert torch.equal(mask, again)  # a function of the torch RNG state
+    other = dropout_mask(torch.Size((1000, 1000)), 0.05, torch.device("cpu"), torch.float32)
+    assert not torch.equal(mask, other)
+    # rows are not copies of each other (one seed expands into independent draws)
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="checkpoint policy must be one of"):
+        checkpoint_context("sometimes")
