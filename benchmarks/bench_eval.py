@@ -27,8 +27,8 @@ import gc
 import sys
 import time
 
-from common import (DEFAULT_DATA, environment, load_splits, log, make_formatter_for, markdown_table, peak_rss_mb,
-                    reference_stack_missing, set_threads, write_json)
+from common import (DEFAULT_DATA, environment, linear_shapes, load_splits, log, make_formatter_for, markdown_table,
+                    matmul_gflops, peak_rss_mb, reference_stack_missing, set_threads, write_json)
 
 METHODS = ("score", "generate", "reference")
 
@@ -62,6 +62,25 @@ def scored(name: str, predicted: list[str], gold: list[str], seconds: float) -> 
     right = sum(p == g for p, g in zip(predicted, gold))
     return {"method": name, "rows": len(gold), "seconds": seconds, "examples_per_s": len(gold) / seconds,
             "accuracy": right / len(gold), "invalid": sum(p == "invalid" for p in predicted), "predicted": predicted}
+
+
+def score_flops(cfg, formatter, texts: list[str]) -> dict:
+    """Matmul FLOPs `score` cannot avoid, per row: every token after the shared prefix through every
+    projection (2 * P_linear per token and layer), the LM head at the positions predicting a label
+    token, and the multi-token labels' continuations. Attention and elementwise work are left out, so
+    this over-states the reachable speed. The prefix is counted once for the run."""
+    from minilora.prompts import common_prefix_length
+
+    prompts = [formatter.prompt_ids(t) for t in texts]
+    prefix = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
+    per_token = 2 * sum(a * b for a, b in linear_shapes(cfg).values()) * cfg.num_layers
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    labels = [formatter.label_ids[label] for label in formatter.labels]
+    continuation = sum(len(t) - 1 for t in labels)  # tokens fed after the prompt, per row
+    row_tokens = sum(len(p) - prefix for p in prompts) / len(prompts)
+    per_row = (row_tokens + continuation) * per_token + (1 + continuation) * head
+    return {"prefix_tokens": prefix, "mean_row_tokens": row_tokens, "label_tokens": [len(t) for t in labels],
+            "flops_per_row": per_row, "prefix_flops": prefix * per_token}
 
 
 def run_minilora(args, folder, formatter, texts, gold, methods) -> dict[str, dict]:
@@ -156,6 +175,14 @@ def main(argv=None) -> int:
             results["reference"] = run_reference(args, folder, formatter, texts[:n_ref], gold[:n_ref])
 
     ref = results.get("reference")
+    bound = None
+    if "score" in results:
+        from minilora.config import ModelConfig
+
+        bound = score_flops(ModelConfig.from_file(folder / "config.json"), formatter, texts)
+        bound["matmul_gflops_per_s"] = matmul_gflops(3.0)
+        bound["bound_examples_per_s"] = bound["matmul_gflops_per_s"] * 1e9 / bound["flops_per_row"]
+        results["score"]["score_flops"] = bound
     table_rows = []
     for key, res in results.items():
         subset_acc = None
@@ -182,6 +209,17 @@ def main(argv=None) -> int:
     if "score" in results and ref:
         text += (f"\nratio score / seeds' generate (examples/s): "
                  f"{results['score']['examples_per_s'] / ref['examples_per_s']:.1f}x")
+    if bound:
+        achieved = results["score"]["examples_per_s"] * bound["flops_per_row"] / 1e9
+        text += (f"\nscore's unavoidable matmul work: {bound['flops_per_row'] / 1e9:.2f} GFLOP per row "
+                 f"({bound['mean_row_tokens']:.1f} tokens per row after the {bound['prefix_tokens']}-token shared "
+                 f"prefix, label tokens {bound['label_tokens']}, LM head at 1 + continuation positions); at the "
+                 f"fp32 2048^3 matmul rate measured now ({bound['matmul_gflops_per_s']:.0f} GFLOP/s) that allows at "
+                 f"most {bound['bound_examples_per_s']:.1f} examples/s; score runs at {achieved:.0f} GFLOP/s "
+                 f"({achieved / bound['matmul_gflops_per_s']:.0%} of it)")
+        if ref:
+            text += (f"; the bound is {bound['bound_examples_per_s'] / ref['examples_per_s']:.1f}x the seeds' "
+                     "generate")
     if skipped:
         text += f"\nreference: skipped ({skipped})"
     print(text, flush=True)

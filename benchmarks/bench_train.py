@@ -1,6 +1,6 @@
 """Training-step benchmark: minilora vs the reference stack (transformers + peft) on one workload.
 
-    python benchmarks/bench_train.py --model gemma-3-270m --steps 20 --warmup 3 --rounds 3 --json out.json
+    python benchmarks/bench_train.py --model gemma-3-270m --configs selective,full,selective+share --json out.json
     python benchmarks/bench_train.py --smoke          # 2 steps on 16 rows, one round (CI)
 
 Both stacks train LoRA adapters on the same checkpoint folder, the same FinancialPhraseBank training
@@ -10,7 +10,8 @@ PromptFormatter so the token ids are identical, with the same hyperparameters: r
 clipping, gradient checkpointing, fp32, one micro-batch per optimizer step. Both seed torch / numpy /
 random with `seed_everything(seed)` right before the adapters are created.
 
-* minilora: `build_model` + `inject_adapters` + `model.gradient_checkpointing = True`, then per step
+* minilora, once per --configs entry: `build_model` + `inject_adapters` + `model.gradient_checkpointing
+  = True` with that checkpoint policy (and the shared prefix for `+share`), then per step
   what `minilora.trainer.train` does: `accumulate_gradients` (answer-token loss, LM head only at the
   supervised positions), clip, fused AdamW step.
 * reference (the seeds' way): `AutoModelForCausalLM.from_pretrained` + `peft.get_peft_model`,
@@ -18,7 +19,7 @@ random with `seed_everything(seed)` right before the adapters are created.
   prompt and padding (full-vocabulary logits), right padding, `torch.optim.AdamW`.
 
 Each run is its own subprocess (`--worker minilora|reference`, one JSON line on stdout), alternating
-minilora / reference for --rounds rounds, so peak RSS is per stack and machine drift hits both.
+the minilora configurations and the reference for --rounds rounds, so peak RSS is per stack and machine drift hits both.
 Reported: seconds per optimizer step (median after --warmup steps), non-pad training tokens per
 second, peak RSS (ru_maxrss), the loss of every step (final loss, max relative difference of the two
 curves), and minilora's useful GFLOP/s against a plain fp32 matmul rate measured in the same worker

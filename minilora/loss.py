@@ -45,7 +45,8 @@ def completion_loss(model: CausalLM, batch: Batch, share_prefix: int = 0) -> Los
     if share_prefix > 0:
         if bool((select[:, :share_prefix]).any()):
             raise ValueError(f"shared prefix of {share_prefix} tokens overlaps a supervised position")
-        prefix = model(batch.input_ids[:1, :share_prefix], use_cache=True, logits_at="none").cache
+        # one short row: its activations are small, so checkpointing it would only add recompute work
+        prefix = model(batch.input_ids[:1, :share_prefix], use_cache=True, logits_at="none", recompute=False).cache
         logits = model(
             batch.input_ids[:, share_prefix:], attention_mask=batch.attention_mask[:, share_prefix:],
             cache=prefix, logits_at=select[:, share_prefix:],

@@ -299,12 +299,14 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         use_cache: bool = False,
         logits_at: str | Tensor = "all",
+        recompute: bool | None = None,
     ) -> DecoderOutput:
         """input_ids (B, T); attention_mask (B, T) 1 for real tokens; position ids default to the
         count of real tokens before each one (so left padding does not shift positions).
 
         logits_at: "all" -> (B, T, V); "last" -> (B, V); "none" -> no LM head;
         a bool (B, T) mask or an index tensor over the flattened (B*T) positions -> (N, V).
+        recompute: gradient checkpointing for this call (None: `self.gradient_checkpointing`).
         """
         batch, length = input_ids.shape
         device = input_ids.device
@@ -317,7 +319,8 @@ class CausalLM(nn.Module):
         masks = self._masks(position_ids, valid, cache, attention_mask)
         h = self.embed(input_ids)
         ropes = {kind: self._rope(kind, position_ids, h.dtype) for kind in set(self.config.layer_types)}
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing if recompute is None else recompute
+        checkpointing = recompute and self.training and torch.is_grad_enabled()
         context_fn = checkpoint_context(self.checkpoint_policy) if checkpointing else None
         presents = []
         for index, layer in enumerate(self.model.layers):

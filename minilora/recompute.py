@@ -7,9 +7,10 @@ outputs are kept):
 * "full": keep nothing but the draws the dropout masks come from (see `dropout_mask`), so the
   recomputed masks are the forward's masks whatever the RNG did in between.
 * "selective": also keep the outputs of the frozen projections (matmuls whose weight gets no
-  gradient). Recomputing those is most of the recompute FLOPs; what is left to recompute is norms,
-  RoPE, activations, attention and the rank-r adapter products. It costs the projections' outputs
-  in memory: about (q + k + v + o + 2 * intermediate + hidden) floats per token per layer.
+  gradient) and of the fused attention kernel. Recomputing those is most of the recompute work;
+  what is left to recompute is norms, RoPE, activations and the rank-r adapter products. It costs
+  those outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden) floats per token per
+  layer, e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
 
 The result is identical to no checkpointing in both cases (tests/test_recompute.py).
 """
@@ -27,6 +28,10 @@ CHECKPOINT_POLICIES = ("full", "selective")
 
 _MASK_OPS = {torch.ops.aten.bernoulli.p, torch.ops.aten.randint.low}  # see dropout_mask
 _MATMUL_OPS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}  # op -> index of the weight operand
+# fused attention kernels: their outputs (and softmax statistics) are what their backward needs
+_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
 
 
 def _keep_masks(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -34,7 +39,7 @@ def _keep_masks(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def _keep_masks_and_frozen_projections(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _MASK_OPS:
+    if op in _MASK_OPS or op in _ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     weight_index = _MATMUL_OPS.get(op)
     if weight_index is not None and not args[weight_index].requires_grad:

@@ -69,6 +69,9 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind):
     n_frozen = sum(1 for n, _ in model.named_modules() if n.endswith("base_layer"))
     assert full_mm - selective_mm == n_frozen, (full_mm, selective_mm)
     assert plain_ops.get("mm", 0) < selective_mm  # what is left: the adapters' own rank-r products
+    attention = "_scaled_dot_product_flash_attention_for_cpu"
+    assert results["full"][1].get(attention, 0) == model.config.num_layers  # replayed once per block
+    assert results["selective"][1].get(attention, 0) == 0  # kept
     # the dropout draws are kept, never redrawn: backward draws nothing in any mode
     for mode, (_, ops) in results.items():
         assert ops.get("randint", 0) == 0 and ops.get("bernoulli", 0) == 0, (mode, ops)
