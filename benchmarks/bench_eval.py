@@ -69,10 +69,10 @@ def score_flops(cfg, formatter, texts: list[str]) -> dict:
     projection (2 * P_linear per token and layer), the LM head at the positions predicting a label
     token, and the multi-token labels' continuations. Attention and elementwise work are left out, so
     this over-states the reachable speed. The prefix is counted once for the run."""
-    from minilora.prompts import common_prefix_length
+    from minilora.scoring import shared_prompt_prefix
 
     prompts = [formatter.prompt_ids(t) for t in texts]
-    prefix = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
+    prefix = shared_prompt_prefix(prompts)
     per_token = 2 * sum(a * b for a, b in linear_shapes(cfg).values()) * cfg.num_layers
     head = 2 * cfg.hidden_size * cfg.vocab_size
     labels = [formatter.label_ids[label] for label in formatter.labels]

@@ -38,6 +38,7 @@ from common import (DEFAULT_DATA, TARGETS, environment, log, markdown_table, mat
                     reference_stack_missing, run_worker, set_threads, step_flops, write_json)
 
 STACKS = ("minilora", "reference")
+POLICIES = ("selective", "full")  # minilora.recompute.CHECKPOINT_POLICIES (the driver does not import torch)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated minilora configurations, each run against the same reference: a "
                         "checkpoint policy (selective, full), optionally +share (shared instruction prefix, "
                         "which the reference cannot do), e.g. selective,full,selective+share")
-    p.add_argument("--checkpoint-policy", default="selective", choices=["selective", "full"], help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint-policy", default="selective", choices=POLICIES, help=argparse.SUPPRESS)
     p.add_argument("--share-prefix", action="store_true", help=argparse.SUPPRESS)  # worker side of +share
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for both stacks (default: torch's)")
@@ -79,19 +80,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.warmup, args.rounds, args.rows, args.matmul_seconds = 2, 0, 1, 16, 1.0
     if args.warmup >= args.steps:
         p.error(f"--warmup {args.warmup} leaves no timed step out of --steps {args.steps}")
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for config in args.configs:
-        if config.split("+")[0] not in ("selective", "full") or config.split("+")[1:] not in ([], ["share"]):
-            p.error(f"--configs: {config!r} is not POLICY or POLICY+share with POLICY selective or full")
+    args.configs = [parse_config(c.strip(), p) for c in args.configs.split(",") if c.strip()]
     return args
 
 
-def config_label(config: str) -> str:
-    policy, _, share = config.partition("+")
+def parse_config(text: str, parser: argparse.ArgumentParser) -> tuple[str, bool]:
+    """"selective+share" -> ("selective", True)."""
+    policy, plus, share = text.partition("+")
+    if policy not in POLICIES or (plus and share != "share"):
+        parser.error(f"--configs: {text!r} is not POLICY or POLICY+share with POLICY one of {POLICIES}")
+    return policy, bool(plus)
+
+
+def config_label(config: tuple[str, bool]) -> str:
+    policy, share = config
     return f"minilora {policy}" + (" + shared prefix" if share else "")
 
 
-def worker_argv(args: argparse.Namespace, stack: str, config: str = "") -> list[str]:
+def worker_argv(args: argparse.Namespace, stack: str, config: tuple[str, bool] | None = None) -> list[str]:
     """The flags that define the workload, passed on to a worker (smoke already expanded)."""
     argv = ["--worker", stack, "--model", args.model, "--data", args.data, "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--rows", str(args.rows), "--batch-size", str(args.batch_size),
@@ -103,7 +109,7 @@ def worker_argv(args: argparse.Namespace, stack: str, config: str = "") -> list[
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if config:
-        policy, _, share = config.partition("+")
+        policy, share = config
         argv += ["--checkpoint-policy", policy] + (["--share-prefix"] if share else [])
     return argv
 
@@ -280,16 +286,21 @@ def summarize(runs: list[dict], warmup: int) -> dict:
 def report(args: argparse.Namespace, results: dict[str, dict], threads: int, skipped: str | None) -> str:
     """One row per run configuration; ratios are against the reference of the same run."""
     ref = results.get("reference")
+    runs = {name: r for name, r in results.items() if name != "comparison"}
+    comparison = {}
+    if ref:
+        for name, r in runs.items():
+            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])]
+            same_init = abs(r["init_checksum"] - ref["init_checksum"]) <= 1e-6 * abs(ref["init_checksum"])
+            comparison[name] = {"max_rel_loss_diff": max(diffs), "rel_loss_diff": diffs, "same_init": same_init,
+                                "speedup": ref["median_step_s"] / r["median_step_s"],
+                                "rss_ratio": r["peak_rss_mb"] / ref["peak_rss_mb"]}
     rows = []
-    for name, r in results.items():
-        if name == "comparison":
-            continue
-        speedup = ref["median_step_s"] / r["median_step_s"] if ref else None
-        rss_ratio = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else None
-        loss_diff = (max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])) if ref else None)
-        rows.append([name, r["median_step_s"], speedup, r["tokens_per_s"], r["peak_rss_mb"], rss_ratio,
-                     r["final_loss"], loss_diff, r["useful_gflops_per_s"], r["matmul_gflops_per_s"],
-                     r["useful_gflops_per_s"] / r["matmul_gflops_per_s"], r["load_s"]])
+    for name, r in runs.items():
+        c = comparison.get(name, {})
+        rows.append([name, r["median_step_s"], c.get("speedup"), r["tokens_per_s"], r["peak_rss_mb"],
+                     c.get("rss_ratio"), r["final_loss"], c.get("max_rel_loss_diff"), r["useful_gflops_per_s"],
+                     r["matmul_gflops_per_s"], r["useful_gflops_per_s"] / r["matmul_gflops_per_s"], r["load_s"]])
     timed = args.steps - args.warmup
     lines = [f"## Training step: {args.model}, {args.steps} steps ({timed} timed after {args.warmup} warm-up), "
              f"{args.rounds} round(s), batch {args.batch_size}, threads {threads}", "",
@@ -298,25 +309,20 @@ def report(args: argparse.Namespace, results: dict[str, dict], threads: int, ski
                              "matmul GFLOP/s", "useful / matmul", "model load (s)"], rows), ""]
     if skipped:
         lines.append(f"reference: skipped ({skipped})")
-    if ref:
-        comparison = {}
-        for name, r in results.items():
-            if name in ("reference", "comparison"):
-                continue
-            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])]
-            same_init = abs(r["init_checksum"] - ref["init_checksum"]) <= 1e-6 * abs(ref["init_checksum"])
-            lines.append(f"{name}: loss curve max relative difference {max(diffs):.3e} (step 1: "
-                         f"{r['losses'][0]:.5f} vs {ref['losses'][0]:.5f}); initial adapter weights "
-                         f"{'identical' if same_init else 'DIFFER'} (sum |A| {r['init_checksum']:.6f} vs "
-                         f"{ref['init_checksum']:.6f})")
-            comparison[name] = {"max_rel_loss_diff": max(diffs), "rel_loss_diff": diffs, "same_init": same_init,
-                                "speedup": ref["median_step_s"] / r["median_step_s"],
-                                "rss_ratio": r["peak_rss_mb"] / ref["peak_rss_mb"]}
-        results["comparison"] = comparison
+    for name, c in comparison.items():
+        if name == "reference":
+            continue
+        r = runs[name]
+        lines.append(f"{name}: loss curve max relative difference {c['max_rel_loss_diff']:.3e} (step 1: "
+                     f"{r['losses'][0]:.5f} vs {ref['losses'][0]:.5f}); initial adapter weights "
+                     f"{'identical' if c['same_init'] else 'DIFFER'} (sum |A| {r['init_checksum']:.6f} vs "
+                     f"{ref['init_checksum']:.6f})")
+    if comparison:
+        results["comparison"] = {name: c for name, c in comparison.items() if name != "reference"}
     lines.append("useful GFLOP/s counts the task's work only (no recomputation, padding or unneeded logits; "
                  "see common.step_flops); matmul GFLOP/s is a fp32 2048^3 torch.mm in the same worker")
-    for name, summary in results.items():
-        if name != "comparison" and not summary["losses_same_every_round"]:
+    for name, summary in runs.items():
+        if not summary["losses_same_every_round"]:
             lines.append(f"note: {name}'s losses differ between rounds (non-deterministic run)")
     return "\n".join(lines)
 
@@ -336,7 +342,7 @@ def main(argv=None) -> int:
         if not stacks:
             return 0
     jobs = [(config_label(c), "minilora", c) for c in args.configs if "minilora" in stacks]
-    jobs += [("reference", "reference", "")] if "reference" in stacks else []
+    jobs += [("reference", "reference", None)] if "reference" in stacks else []
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
     for round_index in range(args.rounds):
         for label, stack, config in jobs:

@@ -37,8 +37,7 @@ def label_logprobs(
     model.eval()
     prompts = [formatter.prompt_ids(t) for t in texts]
     label_ids = [formatter.label_ids[label] for label in formatter.labels]
-    prefix_len = common_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
-    prefix_len = min(prefix_len, min(len(p) for p in prompts) - 1)  # each row keeps >= 1 own token
+    prefix_len = shared_prompt_prefix(prompts) if share_prefix else 0
     prefix_cache = None
     if prefix_len > 0:
         prefix = torch.tensor([prompts[0][:prefix_len]], device=device)
@@ -51,6 +50,13 @@ def label_logprobs(
         rows = [prompts[i][prefix_len:] for i in idx]
         scores[idx] = _score_rows(model, rows, label_ids, prefix_cache, formatter.tokenizer.pad_id, device).cpu()
     return scores
+
+
+def shared_prompt_prefix(prompts: list[list[int]]) -> int:
+    """Tokens computed once for the whole run: the common prefix, leaving each row >= 1 own token."""
+    if len(prompts) < 2:
+        return 0
+    return min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
 
 
 def _score_rows(model: CausalLM, rows: list[list[int]], label_ids: list[list[int]],
