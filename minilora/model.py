@@ -67,9 +67,10 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.devi
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos / sin of shape (B, 1, T, head_dim) in the rotate-half layout of HF checkpoints."""
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2), fp32 for long contexts
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    """cos / sin of shape (*positions.shape, 1, head_dim) in the rotate-half layout of HF checkpoints:
+    one row per token, broadcast over the heads of a (..., heads, head_dim) query or key."""
+    freqs = positions.float()[..., None] * inv_freq  # (..., hd/2), fp32 for long contexts
+    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -77,6 +78,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------- unpadding
+
+
+@dataclass
+class Unpadded:
+    """Where the real tokens of a padded (B, T) batch sit among its B * T positions.
+
+    Everything but attention works token by token, so the model runs embeddings, projections, norms
+    and the MLP on the N real tokens only (a padded batch of short rows is a quarter padding or
+    more); attention scatters q / k / v back to (B, T) for one batched SDPA call."""
+
+    index: Tensor  # (N,) flat positions of the real tokens
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, valid: Tensor) -> "Unpadded":
+        return cls(valid.reshape(-1).nonzero().squeeze(1), valid.shape[0], valid.shape[1])
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
+
+    def scatter(self, x: Tensor) -> Tensor:
+        """(N, ...) -> (B, T, ...), zeros at padding (which every attention mask excludes)."""
+        padded = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        return padded.view(self.batch, self.length, *x.shape[1:])
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -101,7 +131,7 @@ class KVCache:
 @dataclass
 class DecoderOutput:
     logits: Tensor | None  # (B, T, V), (B, V) for "last", (N, V) for a position selection, None for "none"
-    hidden: Tensor  # (B, T, H) final-normed hidden states
+    hidden: Tensor  # (B, T, H) final-normed hidden states (meaningless at padding)
     cache: KVCache | None  # only when use_cache=True
 
 
@@ -125,16 +155,20 @@ class Attention(nn.Module):
         self.layer_type = layer_type
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
+        unpadded: Unpadded | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        tokens = x.shape[:-1]  # (B, T), or (N,) when unpadded
+        q = self.q_proj(x).view(*tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # Gemma 3 normalises q and k over head_dim before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if unpadded is not None:
+            q, k, v = unpadded.scatter(q), unpadded.scatter(k), unpadded.scatter(v)
+        batch = q.shape[0]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if past is not None:
             past_k, past_v = past
             k = torch.cat((past_k.expand(batch, -1, -1, -1), k), dim=2)  # (B, n_kv, S + T, hd)
@@ -149,8 +183,10 @@ class Attention(nn.Module):
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(out), present
+        out = out.transpose(1, 2)  # (B, T, heads, hd)
+        if unpadded is not None:
+            out = unpadded.gather(out)
+        return self.o_proj(out.reshape(*tokens, self.num_heads * self.head_dim)), present
 
 
 def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:
@@ -196,9 +232,10 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
+        unpadded: Unpadded | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn_out)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
@@ -300,6 +337,7 @@ class CausalLM(nn.Module):
         use_cache: bool = False,
         logits_at: str | Tensor = "all",
         recompute: bool | None = None,
+        unpad: bool = True,
     ) -> DecoderOutput:
         """input_ids (B, T); attention_mask (B, T) 1 for real tokens; position ids default to the
         count of real tokens before each one (so left padding does not shift positions).
@@ -307,6 +345,8 @@ class CausalLM(nn.Module):
         logits_at: "all" -> (B, T, V); "last" -> (B, V); "none" -> no LM head;
         a bool (B, T) mask or an index tensor over the flattened (B*T) positions -> (N, V).
         recompute: gradient checkpointing for this call (None: `self.gradient_checkpointing`).
+        unpad: run everything but attention on the real tokens only (see `Unpadded`); False computes
+        the padding positions too (same results at the real tokens).
         """
         batch, length = input_ids.shape
         device = input_ids.device
@@ -317,8 +357,12 @@ class CausalLM(nn.Module):
         position_ids = position_ids.expand(batch, -1)
 
         masks = self._masks(position_ids, valid, cache, attention_mask)
-        h = self.embed(input_ids)
-        ropes = {kind: self._rope(kind, position_ids, h.dtype) for kind in set(self.config.layer_types)}
+        unpadded = Unpadded.of(valid) if unpad and attention_mask is not None and not bool(valid.all()) else None
+        if unpadded is None:
+            h, token_positions = self.embed(input_ids), position_ids
+        else:
+            h, token_positions = self.embed(unpadded.gather(input_ids)), unpadded.gather(position_ids)
+        ropes = {kind: self._rope(kind, token_positions, h.dtype) for kind in set(self.config.layer_types)}
         recompute = self.gradient_checkpointing if recompute is None else recompute
         checkpointing = recompute and self.training and torch.is_grad_enabled()
         context_fn = checkpoint_context(self.checkpoint_policy) if checkpointing else None
@@ -328,11 +372,15 @@ class CausalLM(nn.Module):
             cos, sin = ropes[kind]
             past = cache.layers[index] if cache is not None else None
             if checkpointing:
-                h, present = checkpoint(layer, h, cos, sin, masks[kind], past, use_reentrant=False, context_fn=context_fn)
+                h, present = checkpoint(
+                    layer, h, cos, sin, masks[kind], past, unpadded, use_reentrant=False, context_fn=context_fn
+                )
             else:
-                h, present = layer(h, cos, sin, masks[kind], past)
+                h, present = layer(h, cos, sin, masks[kind], past, unpadded)
             presents.append(present)
         h = self.model.norm(h)
+        if unpadded is not None:
+            h = unpadded.scatter(h)
 
         new_cache = None
         if use_cache:

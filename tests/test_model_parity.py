@@ -125,6 +125,61 @@ def test_gradient_checkpointing_gives_identical_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6)
 
 
+def _ragged_batch(lengths, side, gen):
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        sl = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, sl], mask[i, sl] = torch.randint(3, 128, (n,), generator=gen), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "gemma3"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+def test_unpadded_forward_and_gradients_equal_padded(name, side, policy):
+    """Running the dense layers on the real tokens only changes nothing at the real tokens: logits,
+    and every gradient, with and without checkpointing; padding never reaches a projection."""
+    _, ours = _pair(name)
+    ids, mask = _ragged_batch([19, 12, 5], side, torch.Generator().manual_seed(7))
+    ours.train()
+    ours.gradient_checkpointing = policy != "none"
+    ours.checkpoint_policy = "full" if policy == "none" else policy
+    rows_seen = []
+    hook = ours.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, out: rows_seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+    )
+    results = []
+    for unpad in (False, True):
+        ours.zero_grad()
+        rows_seen.clear()
+        logits = ours(ids, attention_mask=mask, logits_at=mask.bool(), unpad=unpad).logits
+        logits.logsumexp(-1).mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}, rows_seen[0]))
+    hook.remove()
+    (padded, padded_grads, padded_rows), (unpadded, unpadded_grads, unpadded_rows) = results
+    assert padded_rows == ids.numel() and unpadded_rows == int(mask.sum()) == 36
+    torch.testing.assert_close(unpadded, padded, rtol=0, atol=1e-5)
+    for param, grad in padded_grads.items():
+        torch.testing.assert_close(unpadded_grads[param], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "gemma3"])
+def test_unpadded_rows_attend_to_a_shared_prefix_cache(name):
+    """The shared-prefix training path: a batch-1 cache broadcast over a ragged, unpadded batch."""
+    _, ours = _pair(name)
+    gen = torch.Generator().manual_seed(8)
+    prefix = torch.randint(3, 128, (1, 6), generator=gen)
+    rest, mask = _ragged_batch([9, 4, 7], "right", gen)
+    with torch.no_grad():
+        cache = ours(prefix, use_cache=True).cache
+        got = ours(rest, attention_mask=mask, cache=cache, logits_at=mask.bool()).logits
+        for i, n in enumerate(mask.sum(1).tolist()):
+            alone = ours(torch.cat((prefix, rest[i : i + 1, :n]), dim=1)).logits[0, 6:]
+            torch.testing.assert_close(got[mask[:i].sum() : mask[: i + 1].sum()], alone, rtol=0, atol=TOL)
+
+
 def test_attention_softcap_matches_explicit_formula():
     from minilora.model import _softcapped_attention
 
