@@ -147,34 +147,41 @@ def _rope_from_dict(params: dict[str, Any] | None, theta: float, source: str) ->
     )
 
 
-def _llama_config(r: _Reader) -> ModelConfig:
-    r.refuse_unless("hidden_act", (None, "silu"), "Llama MLP is SwiGLU")
-    hidden, heads = int(r.require("hidden_size")), int(r.require("num_attention_heads"))
-    # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_theta + rope_scaling
-    rope_params = r.raw.get("rope_parameters") or r.raw.get("rope_scaling")
-    rope = _rope_from_dict(rope_params, r.get("rope_theta", 10000.0), r.source)
-    layers = int(r.require("num_hidden_layers"))
-    return ModelConfig(
-        model_type="llama",
+def _shared_fields(r: _Reader, max_positions: int, tied: bool) -> dict[str, Any]:
+    """Fields both families spell the same way; the arguments are the family's defaults."""
+    heads = int(r.require("num_attention_heads"))
+    return dict(
         vocab_size=int(r.require("vocab_size")),
-        hidden_size=hidden,
+        hidden_size=int(r.require("hidden_size")),
         intermediate_size=int(r.require("intermediate_size")),
-        num_layers=layers,
+        num_layers=int(r.require("num_hidden_layers")),
         num_heads=heads,
         num_kv_heads=int(r.get("num_key_value_heads", heads)),
-        head_dim=int(r.get("head_dim", hidden // heads)),
         rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(r.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(r.get("tie_word_embeddings", False)),
-        mlp_activation="silu",
-        rope_global=rope,
-        rope_local=rope,
-        layer_types=("full_attention",) * layers,
+        max_position_embeddings=int(r.get("max_position_embeddings", max_positions)),
+        tie_word_embeddings=bool(r.get("tie_word_embeddings", tied)),
         attention_bias=bool(r.get("attention_bias", False)),
-        mlp_bias=bool(r.get("mlp_bias", False)),
         bos_token_id=r.raw.get("bos_token_id"),
         eos_token_ids=r.eos_ids(),
         pad_token_id=r.raw.get("pad_token_id"),
+    )
+
+
+def _llama_config(r: _Reader) -> ModelConfig:
+    r.refuse_unless("hidden_act", (None, "silu"), "Llama MLP is SwiGLU")
+    shared = _shared_fields(r, max_positions=2048, tied=False)
+    # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_theta + rope_scaling
+    rope_params = r.raw.get("rope_parameters") or r.raw.get("rope_scaling")
+    rope = _rope_from_dict(rope_params, r.get("rope_theta", 10000.0), r.source)
+    return ModelConfig(
+        model_type="llama",
+        **shared,
+        head_dim=int(r.get("head_dim", shared["hidden_size"] // shared["num_heads"])),
+        mlp_activation="silu",
+        rope_global=rope,
+        rope_local=rope,
+        layer_types=("full_attention",) * shared["num_layers"],
+        mlp_bias=bool(r.get("mlp_bias", False)),
     )
 
 
@@ -195,8 +202,7 @@ def _gemma3_config(r: _Reader) -> ModelConfig:
     r.refuse_unless("hidden_activation", (None, "gelu_pytorch_tanh"), "Gemma 3 MLP is GeGLU with tanh GELU")
     if r.raw.get("use_bidirectional_attention"):
         raise ConfigError(f"{r.source}: use_bidirectional_attention=true is not implemented (causal decoders only)")
-    hidden, heads = int(r.require("hidden_size")), int(r.require("num_attention_heads"))
-    layers = int(r.require("num_hidden_layers"))
+    shared = _shared_fields(r, max_positions=131072, tied=True)
     head_dim = int(r.get("head_dim", 256))
     params = r.raw.get("rope_parameters")
     if params and "full_attention" in params:  # transformers 5 layout: one dict per layer type
@@ -207,30 +213,18 @@ def _gemma3_config(r: _Reader) -> ModelConfig:
         rope_local = RopeConfig(theta=float(r.get("rope_local_base_freq", 10_000.0)))
     return ModelConfig(
         model_type="gemma3_text",
-        vocab_size=int(r.require("vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(r.require("intermediate_size")),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=int(r.get("num_key_value_heads", heads)),
+        **shared,
         head_dim=head_dim,
-        rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(r.get("max_position_embeddings", 131072)),
-        tie_word_embeddings=bool(r.get("tie_word_embeddings", True)),
         mlp_activation="gelu_tanh",
         rope_global=rope_global,
         rope_local=rope_local,
-        layer_types=_gemma3_layer_types(r, layers),
+        layer_types=_gemma3_layer_types(r, shared["num_layers"]),
         sliding_window=int(r.get("sliding_window", 4096)),
         attention_scale=float(r.get("query_pre_attn_scalar", head_dim)) ** -0.5,
         norm_unit_offset=True,
-        embed_scale=math.sqrt(hidden),
+        embed_scale=math.sqrt(shared["hidden_size"]),
         qk_norm=True,
         sandwich_norms=True,
-        attention_bias=bool(r.get("attention_bias", False)),
         attn_logit_softcap=r.raw.get("attn_logit_softcapping"),
         final_logit_softcap=r.raw.get("final_logit_softcapping"),
-        bos_token_id=r.raw.get("bos_token_id"),
-        eos_token_ids=r.eos_ids(),
-        pad_token_id=r.raw.get("pad_token_id"),
     )

@@ -32,12 +32,6 @@ class Predictions:
     seconds: float
 
 
-def newline_token_ids(formatter: PromptFormatter) -> set[int]:
-    """Tokens whose text holds a newline (SentencePiece '\\n', byte-level 'Ċ', byte fallback <0x0A>)."""
-    vocab = formatter.tokenizer.backend.get_vocab(with_added_tokens=True)
-    return {i for token, i in vocab.items() if "\n" in token or "Ċ" in token or token == "<0x0A>"}
-
-
 def predict(
     model: CausalLM,
     formatter: PromptFormatter,
@@ -54,7 +48,7 @@ def predict(
     if method == "score":
         logprobs = label_logprobs(model, formatter, texts, batch_size=batch_size, share_prefix=share_prefix)
         return Predictions(predict_labels(logprobs, formatter.labels), logprobs, time.perf_counter() - started)
-    stop_ids = {formatter.stop_id, formatter.tokenizer.eos_id} | newline_token_ids(formatter)
+    stop_ids = {formatter.stop_id, formatter.tokenizer.eos_id} | formatter.tokenizer.newline_ids
     prompts = [formatter.prompt_ids(t) for t in texts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths per batch
     predicted = [""] * len(texts)

@@ -7,6 +7,7 @@ ships it. Padding is always masked by position, never by id, so pad may share eo
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -102,6 +103,13 @@ class Tokenizer:
 
     def token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    @functools.cached_property
+    def newline_ids(self) -> frozenset[int]:
+        """Tokens whose text holds a newline (SentencePiece '\\n', byte-level 'Ċ', byte fallback
+        <0x0A>): generation stops at them. One scan of the vocabulary per tokenizer."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return frozenset(i for token, i in vocab.items() if "\n" in token or "Ċ" in token or token == "<0x0A>")
 
     # --- chat ------------------------------------------------------------------------------------
 

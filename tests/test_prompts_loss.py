@@ -129,3 +129,10 @@ def test_shared_prefix_gives_same_loss_and_gradients(tiny):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_newline_ids_are_the_tokens_holding_a_newline(tiny):
+    _, tok = tiny
+    newline = tok.backend.token_to_id("\n")
+    assert tok.newline_ids == {newline}
+    assert tok.newline_ids is tok.newline_ids  # scanned once per tokenizer
