@@ -11,7 +11,8 @@ clipping, gradient checkpointing, fp32, one micro-batch per optimizer step. Both
 random with `seed_everything(seed)` right before the adapters are created.
 
 * minilora, once per --configs entry: `build_model` + `inject_adapters` + `model.gradient_checkpointing
-  = True` with that checkpoint policy (and the shared prefix for `+share`), then per step
+  = True` with that checkpoint policy (and the shared prefix for `+share`; the NF4-quantized base
+  of `train.py --qlora` for `+qlora`, with `--dequantize-once` for `+once`), then per step
   what `minilora.trainer.train` does: `accumulate_gradients` (answer-token loss, LM head only at the
   supervised positions), clip, fused AdamW step.
 * reference (the seeds' way): `AutoModelForCausalLM.from_pretrained` + `peft.get_peft_model`,
@@ -39,6 +40,9 @@ from common import (DEFAULT_DATA, TARGETS, environment, log, markdown_table, mat
 
 STACKS = ("minilora", "reference")
 POLICIES = ("selective", "full")  # minilora.recompute.CHECKPOINT_POLICIES (the driver does not import torch)
+SMOKE_CONFIGS = "selective,full+share+qlora+once"
+MODIFIERS = {"share": ("--share-prefix", "shared prefix"), "qlora": ("--qlora", "QLoRA"),
+             "once": ("--dequantize-once", "dequantize once per step")}  # name -> (worker flag, label)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,12 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"], help="as train.py")
-    p.add_argument("--configs", default="selective",
+    p.add_argument("--configs", default=None,
                    help="comma-separated minilora configurations, each run against the same reference: a "
-                        "checkpoint policy (selective, full), optionally +share (shared instruction prefix, "
-                        "which the reference cannot do), e.g. selective,full,selective+share")
+                        "checkpoint policy (selective, full), then optional modifiers: +share (shared instruction "
+                        "prefix, which the reference cannot do), +qlora (NF4 base), +once (with +qlora: "
+                        "--dequantize-once), e.g. selective,full,selective+share,selective+qlora+once; default selective (--smoke: "
+                        f"{SMOKE_CONFIGS}, every code path)")
     p.add_argument("--checkpoint-policy", default="selective", choices=POLICIES, help=argparse.SUPPRESS)
     p.add_argument("--share-prefix", action="store_true", help=argparse.SUPPRESS)  # worker side of +share
+    p.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)  # worker side of +qlora
+    p.add_argument("--dequantize-once", action="store_true", help=argparse.SUPPRESS)  # worker side of +once
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for both stacks (default: torch's)")
     p.add_argument("--matmul-seconds", type=float, default=3.0, help="duration of the fp32 matmul rate probe")
@@ -80,24 +88,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.warmup, args.rounds, args.rows, args.matmul_seconds = 2, 0, 1, 16, 1.0
     if args.warmup >= args.steps:
         p.error(f"--warmup {args.warmup} leaves no timed step out of --steps {args.steps}")
+    if args.configs is None:
+        args.configs = SMOKE_CONFIGS if args.smoke else "selective"
     args.configs = [parse_config(c.strip(), p) for c in args.configs.split(",") if c.strip()]
     return args
 
 
-def parse_config(text: str, parser: argparse.ArgumentParser) -> tuple[str, bool]:
-    """"selective+share" -> ("selective", True)."""
-    policy, plus, share = text.partition("+")
-    if policy not in POLICIES or (plus and share != "share"):
-        parser.error(f"--configs: {text!r} is not POLICY or POLICY+share with POLICY one of {POLICIES}")
-    return policy, bool(plus)
+def parse_config(text: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """"selective+qlora+once" -> ("selective", "qlora", "once")."""
+    policy, *modifiers = text.split("+")
+    if policy not in POLICIES or set(modifiers) - set(MODIFIERS) or len(set(modifiers)) < len(modifiers):
+        parser.error(f"--configs: {text!r} is not POLICY[+MODIFIER...] with POLICY one of {POLICIES} and "
+                     f"modifiers from {tuple(MODIFIERS)}")
+    if "once" in modifiers and "qlora" not in modifiers:
+        parser.error(f"--configs: {text!r}: +once needs +qlora (it applies to NF4 weights)")
+    return (policy, *modifiers)
 
 
-def config_label(config: tuple[str, bool]) -> str:
-    policy, share = config
-    return f"minilora {policy}" + (" + shared prefix" if share else "")
+def config_label(config: tuple[str, ...]) -> str:
+    policy, *modifiers = config
+    return " + ".join([f"minilora {policy}"] + [MODIFIERS[m][1] for m in modifiers])
 
 
-def worker_argv(args: argparse.Namespace, stack: str, config: tuple[str, bool] | None = None) -> list[str]:
+def worker_argv(args: argparse.Namespace, stack: str, config: tuple[str, ...] | None = None) -> list[str]:
     """The flags that define the workload, passed on to a worker (smoke already expanded)."""
     argv = ["--worker", stack, "--model", args.model, "--data", args.data, "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--rows", str(args.rows), "--batch-size", str(args.batch_size),
@@ -109,8 +122,8 @@ def worker_argv(args: argparse.Namespace, stack: str, config: tuple[str, bool] |
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if config:
-        policy, share = config
-        argv += ["--checkpoint-policy", policy] + (["--share-prefix"] if share else [])
+        policy, *modifiers = config
+        argv += ["--checkpoint-policy", policy] + [MODIFIERS[m][0] for m in modifiers]
     return argv
 
 
@@ -190,7 +203,7 @@ def minilora_worker(args: argparse.Namespace) -> dict:
     folder, cfg, batches, prompt_format = prepare_batches(args)
     device = torch.device("cpu")
     started = time.perf_counter()
-    loaded, _ = build_model(str(folder), device, torch.float32)
+    loaded, _ = build_model(str(folder), device, torch.float32, qlora=args.qlora)
     model = loaded.model
     seed_everything(args.seed)  # adapters are drawn from this seed, as in finetune.run
     inject_adapters(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -204,7 +217,7 @@ def minilora_worker(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - started
 
     def step_fn(batch) -> float:
-        loss, _, _, _ = accumulate_gradients(model, [batch], device, args.share_prefix)
+        loss, _, _, _ = accumulate_gradients(model, [batch], device, args.share_prefix, args.dequantize_once)
         return loss
 
     def flops_of(batch) -> float:
@@ -215,7 +228,8 @@ def minilora_worker(args: argparse.Namespace) -> dict:
     result = training_loop(args, "minilora", step_fn, batches, optimizer, params, flops_of)
     return {"stack": "minilora", "threads": threads, "load_s": load_s, "folder": str(folder),
             "prompt_format": prompt_format, "init_checksum": checksum, "share_prefix": args.share_prefix,
-            "checkpoint_policy": args.checkpoint_policy, **result,
+            "checkpoint_policy": args.checkpoint_policy, "qlora": args.qlora,
+            "dequantize_once": args.dequantize_once, **result,
             "matmul_gflops_per_s": matmul_gflops(args.matmul_seconds), "peak_rss_mb": peak_rss_mb()}
 
 

@@ -67,6 +67,8 @@ class RunConfig:
     use_rslora: bool = opt(False, "rank-stabilised scale alpha / sqrt(r)")
     target_modules: str = opt(DEFAULT_TARGETS, "comma-separated module names, or all-linear")
     qlora: bool = opt(False, "quantize the frozen base to NF4 (bitsandbytes) while loading")
+    dequantize_once: bool = opt(False, "QLoRA: dequantize each NF4 weight once per optimizer step and keep it for "
+                                       "the step (fewer dequantizations; holds the block weights in the compute dtype)")
     gradient_checkpointing: bool = opt(True, "recompute each block in backward to save memory")
     checkpoint_policy: str = opt("selective", "what checkpointing keeps: selective = also the frozen projections' "
                                               "outputs (faster, more memory); full = only dropout draws",
@@ -158,6 +160,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Train an adapter as configured and evaluate it on the test split; returns the test metrics."""
     if cfg.lora_r <= 0:
         raise RunError(f"--lora-r must be > 0, found {cfg.lora_r}")
+    if cfg.dequantize_once and not cfg.qlora:
+        raise RunError("--dequantize-once applies to NF4 weights only: add --qlora or drop it")
     out = prepare_output_dir(cfg)
     log("config: " + json.dumps(asdict(cfg)))
     _write_json(out / "run_config.json", asdict(cfg))

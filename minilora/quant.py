@@ -2,9 +2,19 @@
 
 `NF4Linear` stores a frozen (out, in) weight as 4-bit NormalFloat codes in blocks of 64 with one
 absmax per block; with double quantization (`double_quant`, bitsandbytes' `compress_statistics`) the
-absmax values are themselves 8-bit quantized in blocks of 256. The forward is
-`bitsandbytes.matmul_4bit`, which runs on CPU (dequantize, then an fp matmul, forward and backward)
-and on CUDA (fused kernels); the compute dtype is a parameter, fp32 by default.
+absmax values are themselves 8-bit quantized in blocks of 256. The compute dtype is a parameter,
+fp32 by default.
+
+Dequantizing is the cost of QLoRA (bitsandbytes dequantizes for every matmul on CPU, and for every
+training-shaped matmul on CUDA), so `NF4Linear` controls how often it happens:
+
+* the forward dequantizes once and keeps that weight for its own backward (`_NF4Matmul`; bitsandbytes'
+  `matmul_4bit` dequantizes a second time in backward). With gradient checkpointing the weight is
+  dropped after the forward and dequantized again in the replay, so a block's weights live only
+  while that block runs: 2 dequantizations per micro-batch instead of 3;
+* inside `dequantize_once(model)` each weight is dequantized on first use and reused until the
+  context ends: the trainer wraps a whole optimizer step (all micro-batches, replays, backward), so it
+  is 1 per step, at the cost of holding the dequantized block weights for the step.
 
 The packed codes are a non-persistent buffer: they never appear in `state_dict()`, so they cannot leak
 into adapter files, and a checkpoint is only ever written dequantized (`adapter_io.export_merged`).
@@ -17,9 +27,12 @@ quantized size plus one layer.
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import bitsandbytes.functional as bnbF
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 BLOCKSIZE = 64  # weights per absmax, as in the QLoRA paper
@@ -38,6 +51,8 @@ class NF4Linear(nn.Module):
         self.quant_state = quant_state  # absmax (+ nested absmax), code book, shape, dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
+        self.reuse_dequantized = False  # set by `dequantize_once`
+        self._dequantized: Tensor | None = None
 
     @classmethod
     def from_weight(
@@ -72,13 +87,16 @@ class NF4Linear(nn.Module):
         return cls.from_weight(linear.weight, linear.bias, compute_dtype, double_quant, device)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out), in x's dtype
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight_nf4.t(), quant_state=self.quant_state, bias=bias)
-        return y.to(x.dtype)
+        return _NF4Matmul.apply(x.to(self.compute_dtype), self).to(x.dtype)
 
     def dequantize(self) -> Tensor:
         """The (out, in) weight as the forward sees it, in `compute_dtype`."""
-        return bnbF.dequantize_4bit(self.weight_nf4, self.quant_state)
+        if self._dequantized is not None:
+            return self._dequantized
+        weight = bnbF.dequantize_4bit(self.weight_nf4, self.quant_state)
+        if self.reuse_dequantized:
+            self._dequantized = weight
+        return weight
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain nn.Linear holding the dequantized weight (in `dtype`, default `compute_dtype`)."""
@@ -105,6 +123,37 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"compute_dtype={self.compute_dtype}, double_quant={self.quant_state.nested}"
         )
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T + b for a frozen NF4 weight. The weight gets no gradient, so backward needs W but never
+    x: the dequantized W is what gets saved (and what checkpointing drops and replays)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: NF4Linear) -> Tensor:
+        weight = layer.dequantize()
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_output @ weight, None
+
+
+@contextmanager
+def dequantize_once(model: nn.Module) -> Iterator[None]:
+    """Inside, every NF4Linear of `model` dequantizes on first use and reuses that weight; on exit the
+    copies are freed. Wrap one optimizer step: 1 dequantization per weight per step (see the module
+    docstring), holding the block weights in the compute dtype meanwhile."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    for layer in layers:
+        layer.reuse_dequantized = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.reuse_dequantized, layer._dequantized = False, None
 
 
 def quantize_module_nf4(

@@ -7,6 +7,7 @@ where a run stopped: the same adapter at the end as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import quant
 from .adapter_io import save_adapter
 from .lora import adapter_parameters, adapter_state_dict
 from .loss import completion_loss
@@ -46,6 +48,7 @@ class LoopConfig:
     max_seq_len: int = 256  # longest prompt + answer allowed
     group_by_length: bool = True  # batches of similar length: less padding
     share_prefix: bool = False  # compute the instruction prefix once per micro-batch
+    dequantize_once: bool = False  # QLoRA: each NF4 weight dequantized once per optimizer step
     seed: int = 42  # data order and dropout
     eval_every: int = 0  # validate every N steps (0: only at the end)
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
@@ -199,7 +202,9 @@ def train(
         micro_batches = [
             collate([train_examples[i] for i in rows], pad_id, cfg.max_seq_len, class_weights) for rows in steps[step]
         ]
-        step_loss, step_tokens, correct, rows = accumulate_gradients(model, micro_batches, device, cfg.share_prefix)
+        step_loss, step_tokens, correct, rows = accumulate_gradients(
+            model, micro_batches, device, cfg.share_prefix, cfg.dequantize_once
+        )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -233,10 +238,17 @@ def train(
 
 
 def accumulate_gradients(model: CausalLM, micro_batches: list[Batch], device: torch.device,
-                         share_prefix: bool = False) -> tuple[float, int, int, int]:
+                         share_prefix: bool = False, dequantize_once: bool = False) -> tuple[float, int, int, int]:
     """Backward over the micro-batches of one optimizer step; .grad then holds the gradient of the
     token-weighted mean loss of the whole step (each micro-batch divides by the step's total weight,
-    not by its own). Returns (loss, tokens, rows whose first answer token was right, rows)."""
+    not by its own). Returns (loss, tokens, rows whose first answer token was right, rows).
+    dequantize_once: NF4 base weights are dequantized once for the whole step (`quant.dequantize_once`)."""
+    with quant.dequantize_once(model) if dequantize_once else contextlib.nullcontext():
+        return _accumulate(model, micro_batches, device, share_prefix)
+
+
+def _accumulate(model: CausalLM, micro_batches: list[Batch], device: torch.device,
+                share_prefix: bool) -> tuple[float, int, int, int]:
     step_weight = sum(float((b.weights[:, None] * (b.labels != -100)).sum()) for b in micro_batches)
     step_loss, step_tokens, correct, rows = 0.0, 0, 0, 0
     for batch in micro_batches:

@@ -90,3 +90,69 @@ def test_qlora_trains_on_cpu_and_merge_needs_dequantize():
     merge_adapters(model)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, adapted, atol=1e-4, rtol=0)
+
+
+def test_nf4_linear_forward_and_backward_match_bitsandbytes_matmul_4bit():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    nf4 = NF4Linear.from_linear(nn.Linear(128, 96, bias=True))
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ours = nf4(x)
+    ref = bnb.matmul_4bit(x_ref, nf4.weight_nf4.t(), quant_state=nf4.quant_state, bias=nf4.bias)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def _qlora_minilora_model():
+    from minilora.model import CausalLM
+    from tests.tiny import twin
+
+    model: CausalLM = twin(hf_model(tiny_llama_config(num_hidden_layers=2)))
+    quantize_nf4(model)
+    torch.manual_seed(0)
+    inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.train()
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+def test_dequantizations_per_step(monkeypatch, policy):
+    """Each NF4 weight is dequantized once per forward and kept for its backward (bitsandbytes'
+    matmul_4bit: again in backward), once more in a checkpoint replay, and once per optimizer step
+    inside `dequantize_once` -- with gradients identical in every case."""
+    from minilora import quant
+    from minilora.prompts import Batch
+    from minilora.trainer import accumulate_gradients
+
+    model = _qlora_minilora_model()
+    model.gradient_checkpointing = policy != "none"
+    model.checkpoint_policy = "full" if policy == "none" else policy
+    n_weights = sum(isinstance(m, NF4Linear) for m in model.modules())
+    assert n_weights == 14
+    calls = []
+    real = quant.bnbF.dequantize_4bit
+    monkeypatch.setattr(quant.bnbF, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    labels = IDS.clone()
+    labels[:, :5] = -100
+    micro_batches = [Batch(IDS, torch.ones_like(IDS), labels, torch.ones(2)) for _ in range(2)]
+
+    grads = {}
+    for once in (False, True):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(5)  # same dropout masks in both runs
+        accumulate_gradients(model, micro_batches, torch.device("cpu"), dequantize_once=once)
+        per_micro_batch = 1 if policy == "none" else 2
+        assert len(calls) == (n_weights if once else 2 * per_micro_batch * n_weights)
+        grads[once] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(m._dequantized is None for m in model.modules() if isinstance(m, NF4Linear))  # freed
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=1e-7)

@@ -213,3 +213,9 @@ def test_empty_data_is_refused(tiny_dir, tmp_path):
     path.write_text("text,label\n")
     with pytest.raises(DataError):
         run(_cfg(tiny_dir, path, tmp_path / "run"), log=lambda line: None)
+
+
+def test_dequantize_once_without_qlora_is_refused(tmp_path):
+    with pytest.raises(RunError, match="--dequantize-once applies to NF4 weights only"):
+        run(RunConfig(output_dir=str(tmp_path / "run"), dequantize_once=True))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
