@@ -2,7 +2,9 @@
 
 One forward over the prompts (the instruction prefix shared by all rows is computed once for the
 whole run), then each label's continuation attends to the cached prompt keys / values. The LM head
-runs only where a label token is predicted. Never produces an invalid label.
+runs only where a label token is predicted, and for the first label token on many rows at once: a
+large vocabulary's head is memory-bound on a few rows (262k x 640 on this CPU: 10 ms per row in
+batches of 16, 3.5 ms in batches of 256). Never produces an invalid label.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import torch
 
 from .model import CausalLM, KVCache
 from .prompts import PromptFormatter, common_prefix_length
+
+HEAD_ROWS = 256  # rows per LM-head call for the first label token (bounds the (rows, vocab) logits)
 
 
 def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +48,19 @@ def label_logprobs(
         prefix_cache = model(prefix, use_cache=True, logits_at="none").cache
     # longest first: batches of similar length waste less padding
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    scores = torch.empty(len(prompts), len(label_ids))
+    last_hidden = torch.empty(len(prompts), model.config.hidden_size, device=device)
+    continuation = torch.empty(len(prompts), len(label_ids))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         rows = [prompts[i][prefix_len:] for i in idx]
-        scores[idx] = _score_rows(model, rows, label_ids, prefix_cache, formatter.tokenizer.pad_id, device).cpu()
-    return scores
+        hidden, rest = _score_rows(model, rows, label_ids, prefix_cache, formatter.tokenizer.pad_id, device)
+        last_hidden[idx], continuation[idx] = hidden, rest.cpu()
+    first_tokens = torch.tensor([tokens[0] for tokens in label_ids], device=device)
+    first = torch.empty(len(prompts), len(label_ids))
+    for start in range(0, len(prompts), HEAD_ROWS):
+        logits = model.project(last_hidden[start : start + HEAD_ROWS]).float()
+        first[start : start + HEAD_ROWS] = torch.log_softmax(logits, dim=-1)[:, first_tokens].cpu()
+    return first + continuation
 
 
 def shared_prompt_prefix(prompts: list[list[int]]) -> int:
@@ -60,23 +71,24 @@ def shared_prompt_prefix(prompts: list[list[int]]) -> int:
 
 
 def _score_rows(model: CausalLM, rows: list[list[int]], label_ids: list[list[int]],
-                prefix_cache: KVCache | None, pad_id: int, device) -> torch.Tensor:
+                prefix_cache: KVCache | None, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden state at each row's last prompt token (B, H), where the first label token is
+    predicted, and log p(rest of each label | prompt, its first token) (B, n_labels)."""
     ids, mask = _pad_right(rows, pad_id, device)
-    last = torch.zeros_like(mask, dtype=torch.bool)
-    last[torch.arange(len(rows)), mask.sum(1) - 1] = True  # each row's final prompt token
-    out = model(ids, attention_mask=mask, cache=prefix_cache, use_cache=True, logits_at=last)
-    first_logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, V): the first label token
+    multi_token = any(len(tokens) > 1 for tokens in label_ids)
+    out = model(ids, attention_mask=mask, cache=prefix_cache, use_cache=multi_token, logits_at="none")
+    last_hidden = out.hidden[torch.arange(len(rows), device=device), mask.sum(1) - 1]
     scores = []
     for tokens in label_ids:
-        total = first_logprobs[:, tokens[0]]
+        total = torch.zeros(len(rows), device=device)
         if len(tokens) > 1:  # the rest of the label, attending to the cached prompt
             continuation = torch.tensor([tokens[:-1]], device=device).expand(len(rows), -1)
             logits = model(continuation, cache=out.cache, logits_at="all").logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)  # (B, m - 1, V)
             targets = torch.tensor(tokens[1:], device=device)
-            total = total + logprobs[:, torch.arange(len(tokens) - 1), targets].sum(-1)
+            total = logprobs[:, torch.arange(len(tokens) - 1), targets].sum(-1)
         scores.append(total)
-    return torch.stack(scores, dim=1)
+    return last_hidden, torch.stack(scores, dim=1)
 
 
 def predict_labels(logprobs: torch.Tensor, labels: tuple[str, ...]) -> list[str]:

@@ -27,12 +27,20 @@ def naive_logprob(model, prompt, label_tokens):
     return sum(logprobs[len(prompt) - 1 + k, t].item() for k, t in enumerate(label_tokens))
 
 
+LABEL_SETS = {
+    "mixed lengths": {"positive": [5], "neutral": [6, 7], "negative": [8, 9, 10]},  # 1, 2 and 3 tokens
+    "single tokens": {"positive": [5], "neutral": [6], "negative": [8]},  # no continuation pass
+}
+
+
 @pytest.mark.parametrize("share_prefix", [False, True])
-def test_scores_equal_naive_sum_of_token_logprobs(tiny, share_prefix):
+@pytest.mark.parametrize("labels", list(LABEL_SETS))
+@pytest.mark.parametrize("head_rows", [256, 2])  # 2: the first-token head runs in several chunks
+def test_scores_equal_naive_sum_of_token_logprobs(tiny, share_prefix, labels, head_rows, monkeypatch):
+    monkeypatch.setattr("minilora.scoring.HEAD_ROWS", head_rows)
     model, tok = tiny
     fmt = PromptFormatter(tok)
-    # labels of different token lengths (1, 2 and 3 tokens)
-    fmt.label_ids = {"positive": [5], "neutral": [6, 7], "negative": [8, 9, 10]}
+    fmt.label_ids = LABEL_SETS[labels]
     scores = label_logprobs(model, fmt, TEXTS, batch_size=2, share_prefix=share_prefix)
     for i, text in enumerate(TEXTS):
         for j, label in enumerate(fmt.labels):
