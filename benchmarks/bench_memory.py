@@ -454,9 +454,9 @@ def details(loads: list[dict], trains: list[dict], info: dict) -> list[str]:
                    "projections, the 2048-wide MLP, norms) for all 18 blocks; with it only each block's input is kept "
                    "and one block is recomputed at a time in backward, so the saving grows with batch x length.")
         if any(r["variant"] == "nf4" for r in good):
-            out.append("  QLoRA on CPU: bitsandbytes' matmul_4bit dequantizes each NF4 weight to fp32 for every matmul "
-                       "(forward, recomputation and backward), so its fp32 temporaries add to the peak and the "
-                       "step is slower than fp32; its baseline also includes the block weights' file pages "
+            out.append("  QLoRA: each NF4 weight is dequantized to the compute dtype in the forward and again in the "
+                       "checkpoint replay, and only one block's dequantized weights are alive at a time "
+                       "(minilora.quant._NF4Matmul); its baseline also includes the block weights' file pages "
                        "(see loading).")
     errors = [r for r in loads + trains if "error" in r]
     for r in errors:
