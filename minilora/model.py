@@ -6,7 +6,8 @@ strict key-by-key copy (see `checkpoint.py`). The forward pass can
 * return logits only at chosen positions (`logits_at`): a 262k vocabulary makes full logits the
   biggest cost of a short label, so training and scoring project only where they need to;
 * attend to keys / values computed earlier (`cache`): generation appends to it, and a shared prompt
-  prefix is computed once and attended to by every row of a batch (its batch dimension may be 1).
+  prefix is computed once and attended to by every row of a batch (its batch dimension may be 1);
+* skip padding: in a padded batch everything but attention runs on the real tokens only (`Unpadded`).
 """
 
 from __future__ import annotations
