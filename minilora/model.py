@@ -357,8 +357,9 @@ class CausalLM(nn.Module):
             position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0) + start
         position_ids = position_ids.expand(batch, -1)
 
-        masks = self._masks(position_ids, valid, cache, attention_mask)
-        unpadded = Unpadded.of(valid) if unpad and attention_mask is not None and not bool(valid.all()) else None
+        padded = attention_mask is not None and not bool(valid.all())  # the one host sync for both uses
+        masks = self._masks(position_ids, valid, cache, padded)
+        unpadded = Unpadded.of(valid) if unpad and padded else None
         if unpadded is None:
             h, token_positions = self.embed(input_ids), position_ids
         else:
@@ -407,13 +408,13 @@ class CausalLM(nn.Module):
         return self.project(flat[logits_at.to(device)])
 
     def _masks(
-        self, positions: Tensor, valid: Tensor, cache: KVCache | None, attention_mask: Tensor | None
+        self, positions: Tensor, valid: Tensor, cache: KVCache | None, padded: bool
     ) -> dict[str, Tensor | None]:
         """One mask per layer kind, or None where SDPA's built-in causal mask is exact (the fast path:
         no cache, right padding only, sequence inside the sliding window)."""
         length = positions.shape[1]
         window = self.config.sliding_window
-        plain_causal = cache is None and (attention_mask is None or _is_right_padded(attention_mask))
+        plain_causal = cache is None and (not padded or _is_right_padded(valid))
         if cache is not None:
             key_pos = torch.cat((cache.positions.expand(positions.shape[0], -1), positions), dim=1)
             key_valid = torch.cat((cache.valid.expand(positions.shape[0], -1), valid), dim=1)

@@ -82,8 +82,8 @@ def _score_rows(model: CausalLM, rows: list[list[int]], label_ids: list[list[int
     for tokens in label_ids:
         total = torch.zeros(len(rows), device=device)
         if len(tokens) > 1:  # the rest of the label, attending to the cached prompt
-            continuation = torch.tensor([tokens[:-1]], device=device).expand(len(rows), -1)
-            logits = model(continuation, cache=out.cache, logits_at="all").logits.float()
+            label_inputs = torch.tensor([tokens[:-1]], device=device).expand(len(rows), -1)
+            logits = model(label_inputs, cache=out.cache, logits_at="all").logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)  # (B, m - 1, V)
             targets = torch.tensor(tokens[1:], device=device)
             total = logprobs[:, torch.arange(len(tokens) - 1), targets].sum(-1)
