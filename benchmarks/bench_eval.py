@@ -27,8 +27,8 @@ import gc
 import sys
 import time
 
-from common import (DEFAULT_DATA, environment, linear_shapes, load_splits, log, make_formatter_for, markdown_table,
-                    matmul_gflops, peak_rss_mb, reference_stack_missing, set_threads, write_json)
+from common import (DEFAULT_DATA, MatmulProbe, environment, linear_shapes, load_splits, log, make_formatter_for,
+                    markdown_table, peak_rss_mb, reference_stack_missing, set_threads, write_json)
 
 METHODS = ("score", "generate", "reference")
 
@@ -46,11 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--seed", type=int, default=42, help="seed of the data split")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--matmul-seconds", type=float, default=2.0,
+                   help="duration of each fp32 matmul rate probe (before and after each timed minilora method)")
     p.add_argument("--smoke", action="store_true", help="8 rows (CI check)")
     p.add_argument("--json", default=None, help="write the full results here")
     args = p.parse_args(argv)
     if args.smoke:
-        args.rows = 8
+        args.rows, args.matmul_seconds = 8, 0.2
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -97,11 +99,13 @@ def run_minilora(args, folder, formatter, texts, gold, methods) -> dict[str, dic
         load_adapter(model, args.adapter)
     model.eval()
     log(f"minilora model loaded in {time.perf_counter() - started:.1f} s")
-    results = {}
+    results, probe = {}, MatmulProbe()
     for method in methods:
         predict(model, formatter, texts[:2], method, args.batch_size, max_new_tokens=args.max_new_tokens)  # warm-up
+        before = probe.gflops(args.matmul_seconds)  # the machine's matmul rate on either side of the timed run
         out = predict(model, formatter, texts, method, args.batch_size, max_new_tokens=args.max_new_tokens)
         results[method] = scored(f"minilora {method}", out.predicted, gold, out.seconds)
+        results[method]["matmul_gflops_per_s"] = (before + probe.gflops(args.matmul_seconds)) / 2
         log(f"minilora {method}: {results[method]['examples_per_s']:.2f} examples/s, "
             f"accuracy {results[method]['accuracy']:.4f}")
     del model, loaded
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
         from minilora.config import ModelConfig
 
         bound = score_flops(ModelConfig.from_file(folder / "config.json"), formatter, texts)
-        bound["matmul_gflops_per_s"] = matmul_gflops(3.0)
+        bound["matmul_gflops_per_s"] = results["score"]["matmul_gflops_per_s"]
         bound["bound_examples_per_s"] = bound["matmul_gflops_per_s"] * 1e9 / bound["flops_per_row"]
         results["score"]["score_flops"] = bound
     table_rows = []
@@ -214,7 +218,8 @@ def main(argv=None) -> int:
         text += (f"\nscore's unavoidable matmul work: {bound['flops_per_row'] / 1e9:.2f} GFLOP per row "
                  f"({bound['mean_row_tokens']:.1f} tokens per row after the {bound['prefix_tokens']}-token shared "
                  f"prefix, label tokens {bound['label_tokens']}, LM head at 1 + continuation positions); at the "
-                 f"fp32 2048^3 matmul rate measured now ({bound['matmul_gflops_per_s']:.0f} GFLOP/s) that allows at "
+                 f"fp32 2048^3 matmul rate probed before and after the score run "
+                 f"({bound['matmul_gflops_per_s']:.0f} GFLOP/s) that allows at "
                  f"most {bound['bound_examples_per_s']:.1f} examples/s; score runs at {achieved:.0f} GFLOP/s "
                  f"({achieved / bound['matmul_gflops_per_s']:.0%} of it)")
         if ref:

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import (DEFAULT_DATA, TARGETS, environment, log, markdown_table, matmul_gflops, median, peak_rss_mb,
+from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, markdown_table, median, peak_rss_mb,
                     reference_stack_missing, run_worker, set_threads, step_flops, write_json)
 
 STACKS = ("minilora", "reference")
@@ -78,14 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dequantize-once", action="store_true", help=argparse.SUPPRESS)  # worker side of +once
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for both stacks (default: torch's)")
-    p.add_argument("--matmul-seconds", type=float, default=3.0, help="duration of the fp32 matmul rate probe")
+    p.add_argument("--matmul-seconds", type=float, default=0.4,
+                   help="duration of each fp32 matmul rate probe (one before the first step, one after every step)")
     p.add_argument("--stack", default="both", choices=["both", *STACKS], help="run only one stack")
     p.add_argument("--smoke", action="store_true", help="2 steps on 16 rows, 1 round, no warm-up (CI check)")
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)  # internal: one run in this process
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.warmup, args.rounds, args.rows, args.matmul_seconds = 2, 0, 1, 16, 1.0
+        args.steps, args.warmup, args.rounds, args.rows, args.matmul_seconds = 2, 0, 1, 16, 0.2
     if args.warmup >= args.steps:
         p.error(f"--warmup {args.warmup} leaves no timed step out of --steps {args.steps}")
     if args.configs is None:
@@ -154,12 +155,17 @@ def prepare_batches(args: argparse.Namespace):
 
 
 def training_loop(args, name: str, step_fn, batches, optimizer, params, flops_of) -> dict:
-    """Run --steps optimizer steps; step_fn(batch) does forward + backward and returns the loss."""
+    """Run --steps optimizer steps; step_fn(batch) does forward + backward and returns the loss.
+
+    A matmul probe runs before the first step and after every step, outside the timed span; step i is
+    compared with the mean of the probes on either side of it."""
     import torch
 
     from minilora.trainer import LoopConfig, lr_at
 
     schedule = LoopConfig(lr=args.lr, warmup_ratio=args.warmup_ratio)
+    probe = MatmulProbe()
+    probes = [probe.gflops(args.matmul_seconds)]
     losses, seconds, tokens, flops = [], [], [], []
     for step in range(args.steps):
         batch = batches[step % len(batches)]
@@ -172,14 +178,17 @@ def training_loop(args, name: str, step_fn, batches, optimizer, params, flops_of
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - started)
+        probes.append(probe.gflops(args.matmul_seconds))
         losses.append(loss)
         tokens.append(int(batch.attention_mask.sum()))
         flops.append(flops_of(batch))
-        log(f"[{name}] step {step + 1}/{args.steps} loss {loss:.4f} {seconds[-1]:.2f} s")
+        log(f"[{name}] step {step + 1}/{args.steps} loss {loss:.4f} {seconds[-1]:.2f} s, matmul {probes[-1]:.0f} GFLOP/s")
+    step_matmul = [(before + after) / 2 for before, after in zip(probes, probes[1:])]
     timed = slice(args.warmup, None)
     time_sum = sum(seconds[timed])
     return {
         "losses": losses, "step_seconds": seconds, "tokens": tokens, "useful_flops": flops,
+        "step_matmul_gflops_per_s": step_matmul,
         "median_step_s": median(seconds[timed]),
         "tokens_per_s": sum(tokens[timed]) / time_sum,
         "useful_gflops_per_s": sum(flops[timed]) / time_sum / 1e9,
@@ -230,7 +239,7 @@ def minilora_worker(args: argparse.Namespace) -> dict:
             "prompt_format": prompt_format, "init_checksum": checksum, "share_prefix": args.share_prefix,
             "checkpoint_policy": args.checkpoint_policy, "qlora": args.qlora,
             "dequantize_once": args.dequantize_once, **result,
-            "matmul_gflops_per_s": matmul_gflops(args.matmul_seconds), "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def reference_worker(args: argparse.Namespace) -> dict:
@@ -269,7 +278,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
     return {"stack": "reference", "threads": threads, "load_s": load_s, "folder": str(folder),
             "prompt_format": prompt_format, "init_checksum": checksum,
             "attn_implementation": getattr(model.config, "_attn_implementation", None), **result,
-            "matmul_gflops_per_s": matmul_gflops(args.matmul_seconds), "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -287,7 +296,10 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         "round_median_step_s": [run["median_step_s"] for run in runs],
         "tokens_per_s": timed_tokens / sum(timed),
         "useful_gflops_per_s": timed_flops / sum(timed) / 1e9,
-        "matmul_gflops_per_s": median([run["matmul_gflops_per_s"] for run in runs]),
+        "matmul_gflops_per_s": median([rate for run in runs for rate in run["step_matmul_gflops_per_s"][warmup:]]),
+        # per timed step: useful rate over the matmul rate probed beside that step, then the median
+        "useful_over_matmul": median([flops / seconds / 1e9 / rate for run in runs for flops, seconds, rate in zip(
+            run["useful_flops"][warmup:], run["step_seconds"][warmup:], run["step_matmul_gflops_per_s"][warmup:])]),
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
         "load_s": median([run["load_s"] for run in runs]),
         "losses": first["losses"],
@@ -314,7 +326,7 @@ def report(args: argparse.Namespace, results: dict[str, dict], threads: int, ski
         c = comparison.get(name, {})
         rows.append([name, r["median_step_s"], c.get("speedup"), r["tokens_per_s"], r["peak_rss_mb"],
                      c.get("rss_ratio"), r["final_loss"], c.get("max_rel_loss_diff"), r["useful_gflops_per_s"],
-                     r["matmul_gflops_per_s"], r["useful_gflops_per_s"] / r["matmul_gflops_per_s"], r["load_s"]])
+                     r["matmul_gflops_per_s"], r["useful_over_matmul"], r["load_s"]])
     timed = args.steps - args.warmup
     lines = [f"## Training step: {args.model}, {args.steps} steps ({timed} timed after {args.warmup} warm-up), "
              f"{args.rounds} round(s), batch {args.batch_size}, threads {threads}", "",
@@ -334,7 +346,9 @@ def report(args: argparse.Namespace, results: dict[str, dict], threads: int, ski
     if comparison:
         results["comparison"] = {name: c for name, c in comparison.items() if name != "reference"}
     lines.append("useful GFLOP/s counts the task's work only (no recomputation, padding or unneeded logits; "
-                 "see common.step_flops); matmul GFLOP/s is a fp32 2048^3 torch.mm in the same worker")
+                 "see common.step_flops); matmul GFLOP/s is a fp32 2048^3 torch.mm probed in the same worker between "
+                 "steps (median); useful / matmul is the median over timed steps of each step's useful rate over the "
+                 "probes on either side of it")
     for name, summary in runs.items():
         if not summary["losses_same_every_round"]:
             lines.append(f"note: {name}'s losses differ between rounds (non-deterministic run)")

@@ -139,19 +139,36 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
             "tokens_computed": tokens}
 
 
-def matmul_gflops(seconds: float, n: int = 2048) -> float:
-    """fp32 torch.mm rate of n x n @ n x n, repeated for about `seconds` (same threads as the caller)."""
-    import torch
+class MatmulProbe:
+    """fp32 torch.mm rate of n x n @ n x n (same threads as the caller), on buffers allocated once.
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    count, started = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        count += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds:
-            return count * 2 * n**3 / elapsed / 1e9
+    The benchmarks call it between timed steps, so each step's work is compared with the machine's
+    matmul rate at that moment: this machine's speed drifts by up to 1.5x within minutes, and one probe
+    at the end of a run can land in a faster or slower phase than the steps it is compared with."""
+
+    def __init__(self, n: int = 2048):
+        import torch
+
+        self.n = n
+        self.a, self.b = torch.randn(n, n), torch.randn(n, n)
+        self.out = torch.mm(self.a, self.b)  # also the warm-up
+
+    def gflops(self, seconds: float) -> float:
+        """Rate over at least one product, repeated for about `seconds`."""
+        import torch
+
+        count, started = 0, time.perf_counter()
+        while True:
+            torch.mm(self.a, self.b, out=self.out)
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                return count * 2 * self.n**3 / elapsed / 1e9
+
+
+def matmul_gflops(seconds: float, n: int = 2048) -> float:
+    """One probe of the fp32 matmul rate (see `MatmulProbe`)."""
+    return MatmulProbe(n).gflops(seconds)
 
 
 # ------------------------------------------------------------------------------------------ report
