@@ -110,15 +110,24 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
       the keys the token really attends to (t + 1 for position t, capped by the sliding window):
       the exact causal sum, not a full T x T square.
 
+    Except in the first layer: q / k / v read the frozen embeddings (through a norm), so nothing
+    asks for their input gradient, and neither their 2 * P_qkv backward nor their adapters' 2 * r * in
+    of it is run.
     Plus the LM head at supervised positions only: 2 * H * V forward + 2 * H * V backward.
     Not counted: gradient-checkpoint recomputation, padding, positions whose logits are skipped,
     norms / activations / softmax / RoPE (elementwise), the optimizer. shared_prefix = P > 0 counts
-    the first P tokens once for the whole batch (what --share-prefix computes).
+    the first P tokens once for the whole batch (what --share-prefix computes). The rows read only
+    the prefix's keys / values, so in the last layer the prefix's queries, attention, o and MLP get
+    no gradient: their backward is not counted (their forward is, as it runs: one layer of P tokens).
+    tests/test_bench_flops.py checks the projection, adapter and head part against torch's counter.
     """
     shapes = linear_shapes(cfg)
     p_linear = sum(a * b for a, b in shapes.values())
     p_lora = sum(r * (a + b) for name, (a, b) in shapes.items() if name in targets)
-    per_token = cfg.num_layers * (4 * p_linear + 6 * p_lora)
+    first_layer_inputs = ("q_proj", "k_proj", "v_proj")  # read the embeddings: no input gradient
+    no_input_grad = sum(2 * a * b + (2 * r * a if name in targets else 0)
+                        for name, (a, b) in shapes.items() if name in first_layer_inputs)
+    per_token = cfg.num_layers * (4 * p_linear + 6 * p_lora) - no_input_grad
     attn_unit = 12 * cfg.num_heads * cfg.head_dim  # (4 forward + 8 backward) per key attended to
     window = cfg.sliding_window
 
@@ -134,6 +143,12 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
         tokens += length - start
         attention += sum(context_sum(start, length, kind) for kind in cfg.layer_types) * attn_unit
     body = tokens * per_token
+    if shared_prefix > 0:  # the prefix's last-layer outputs feed nothing
+        dead_ends = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        body -= shared_prefix * sum(2 * a * b + (4 * r * (a + b) if name in targets else 0)
+                                    for name, (a, b) in shapes.items() if name in dead_ends)
+        last = cfg.layer_types[-1]
+        attention -= context_sum(0, shared_prefix, last) * 8 * cfg.num_heads * cfg.head_dim
     head = sum(supervised) * 4 * cfg.hidden_size * cfg.vocab_size
     return {"total": body + attention + head, "linear_and_lora": body, "attention": attention, "lm_head": head,
             "tokens_computed": tokens}
