@@ -182,7 +182,8 @@ def training_loop(args, name: str, step_fn, batches, optimizer, params, flops_of
         losses.append(loss)
         tokens.append(int(batch.attention_mask.sum()))
         flops.append(flops_of(batch))
-        log(f"[{name}] step {step + 1}/{args.steps} loss {loss:.4f} {seconds[-1]:.2f} s, matmul {probes[-1]:.0f} GFLOP/s")
+        log(f"[{name}] step {step + 1}/{args.steps} loss {loss:.4f} {seconds[-1]:.2f} s, "
+            f"matmul {probes[-1]:.0f} GFLOP/s")
     step_matmul = [(before + after) / 2 for before, after in zip(probes, probes[1:])]
     timed = slice(args.warmup, None)
     time_sum = sum(seconds[timed])

@@ -181,10 +181,6 @@ class MatmulProbe:
                 return count * 2 * self.n**3 / elapsed / 1e9
 
 
-def matmul_gflops(seconds: float, n: int = 2048) -> float:
-    """One probe of the fp32 matmul rate (see `MatmulProbe`)."""
-    return MatmulProbe(n).gflops(seconds)
-
 
 # ------------------------------------------------------------------------------------------ report
 
