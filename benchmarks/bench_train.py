@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated minilora configurations, each run against the same reference: a "
                         "checkpoint policy (selective, full), then optional modifiers: +share (shared instruction "
                         "prefix, which the reference cannot do), +qlora (NF4 base), +once (with +qlora: "
-                        "--dequantize-once), e.g. selective,full,selective+share,selective+qlora+once; default selective (--smoke: "
-                        f"{SMOKE_CONFIGS}, every code path)")
+                        "--dequantize-once), e.g. selective,full,selective+share,selective+qlora+once; "
+                        f"default selective (--smoke: {SMOKE_CONFIGS}, every code path)")
     p.add_argument("--checkpoint-policy", default="selective", choices=POLICIES, help=argparse.SUPPRESS)
     p.add_argument("--share-prefix", action="store_true", help=argparse.SUPPRESS)  # worker side of +share
     p.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)  # worker side of +qlora
@@ -190,6 +190,7 @@ def training_loop(args, name: str, step_fn, batches, optimizer, params, flops_of
     return {
         "losses": losses, "step_seconds": seconds, "tokens": tokens, "useful_flops": flops,
         "step_matmul_gflops_per_s": step_matmul,
+        "step_useful_over_matmul": [f / s / 1e9 / rate for f, s, rate in zip(flops, seconds, step_matmul)],
         "median_step_s": median(seconds[timed]),
         "tokens_per_s": sum(tokens[timed]) / time_sum,
         "useful_gflops_per_s": sum(flops[timed]) / time_sum / 1e9,
@@ -298,9 +299,7 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         "tokens_per_s": timed_tokens / sum(timed),
         "useful_gflops_per_s": timed_flops / sum(timed) / 1e9,
         "matmul_gflops_per_s": median([rate for run in runs for rate in run["step_matmul_gflops_per_s"][warmup:]]),
-        # per timed step: useful rate over the matmul rate probed beside that step, then the median
-        "useful_over_matmul": median([flops / seconds / 1e9 / rate for run in runs for flops, seconds, rate in zip(
-            run["useful_flops"][warmup:], run["step_seconds"][warmup:], run["step_matmul_gflops_per_s"][warmup:])]),
+        "useful_over_matmul": median([ratio for run in runs for ratio in run["step_useful_over_matmul"][warmup:]]),
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
         "load_s": median([run["load_s"] for run in runs]),
         "losses": first["losses"],
