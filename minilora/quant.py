@@ -29,11 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import bitsandbytes.functional as bnbF
+
 
 BLOCKSIZE = 64  # weights per absmax, as in the QLoRA paper
 
@@ -64,6 +68,8 @@ class NF4Linear(nn.Module):
         device: torch.device | str | None = None,
     ) -> "NF4Linear":
         """Quantize an (out, in) weight on `device` (default: where it already is)."""
+        import bitsandbytes.functional as bnbF  # here, not at the top: importing it costs ~120 MB and 2 s
+
         weight = weight.detach()
         if device is not None:
             weight = weight.to(device)
@@ -93,6 +99,8 @@ class NF4Linear(nn.Module):
         """The (out, in) weight as the forward sees it, in `compute_dtype`."""
         if self._dequantized is not None:
             return self._dequantized
+        import bitsandbytes.functional as bnbF
+
         weight = bnbF.dequantize_4bit(self.weight_nf4, self.quant_state)
         if self.reuse_dequantized:
             self._dequantized = weight

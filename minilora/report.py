@@ -18,9 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
@@ -74,6 +71,11 @@ def predictions_csv(
 
 def plot_confusion_matrix(metrics: dict, run_name: str) -> bytes:
     """PNG bytes of the confusion matrix: counts and row percentages in cells, labelled axes."""
+    # imported here: matplotlib costs ~40 MB of resident memory, which a training run should not carry
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     matrix = np.array(metrics["confusion_matrix"])  # (n_labels, n_columns)
     rows, columns = metrics["labels"], metrics["confusion_columns"]
     fig = Figure(figsize=(1.6 * len(columns) + 2.4, 1.3 * len(rows) + 2.0), dpi=120)

@@ -128,7 +128,6 @@ def test_dequantizations_per_step(monkeypatch, policy):
     """Each NF4 weight is dequantized once per forward and kept for its backward (bitsandbytes'
     matmul_4bit: again in backward), once more in a checkpoint replay, and once per optimizer step
     inside `dequantize_once` -- with gradients identical in every case."""
-    from minilora import quant
     from minilora.prompts import Batch
     from minilora.trainer import accumulate_gradients
 
@@ -138,8 +137,8 @@ def test_dequantizations_per_step(monkeypatch, policy):
     n_weights = sum(isinstance(m, NF4Linear) for m in model.modules())
     assert n_weights == 14
     calls = []
-    real = quant.bnbF.dequantize_4bit
-    monkeypatch.setattr(quant.bnbF, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = bnbF.dequantize_4bit
+    monkeypatch.setattr(bnbF, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
     labels = IDS.clone()
     labels[:, :5] = -100
     micro_batches = [Batch(IDS, torch.ones_like(IDS), labels, torch.ones(2)) for _ in range(2)]
@@ -156,3 +155,15 @@ def test_dequantizations_per_step(monkeypatch, policy):
         assert all(m._dequantized is None for m in model.modules() if isinstance(m, NF4Linear))  # freed
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=1e-7)
+
+
+def test_training_imports_leave_out_bitsandbytes_and_matplotlib():
+    """Importing bitsandbytes costs ~120 MB of resident memory and matplotlib ~40 MB: a run that
+    neither quantizes nor plots must not carry them (peak RSS is one of the benchmark's targets)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, minilora, minilora.finetune, minilora.trainer, minilora.compare, minilora.cli; "
+            "print(sorted(m for m in ('bitsandbytes', 'matplotlib') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
