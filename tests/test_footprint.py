@@ -1,0 +1,43 @@
+"""What a run carries without using it: heavy imports show up in every run's peak RSS and start-up
+time (the benchmark's memory target counts them)."""
+
+import subprocess
+import sys
+
+
+def _modules_loaded_after(code: str, watched: tuple[str, ...]) -> list[str]:
+    probe = f"import sys\n{code}\nprint(sorted(m for m in {watched!r} if m in sys.modules))"
+    return eval(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+
+
+def test_training_imports_leave_out_bitsandbytes_and_matplotlib():
+    """bitsandbytes costs ~120 MB of resident memory and 2 s to import, matplotlib ~40 MB: only
+    --qlora and the confusion-matrix plot need them."""
+    code = "import minilora, minilora.finetune, minilora.trainer, minilora.compare, minilora.cli"
+    assert _modules_loaded_after(code, ("bitsandbytes", "matplotlib")) == []
+
+
+def test_building_a_model_to_load_into_imports_no_compiler():
+    """The model is built on the meta device and then filled from the checkpoint; torch's meta
+    normal_ (an embedding's default init) would import torch._dynamo and sympy (~1 s, ~70 MB)."""
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    code = ("import torch\nfrom minilora.config import ModelConfig\nfrom minilora.model import CausalLM\n"
+            f"cfg = ModelConfig.from_hf_dict({config!r})\n"
+            "with torch.device('meta'):\n    model = CausalLM(cfg)\n"
+            "assert model.model.embed_tokens.weight.is_meta")
+    assert _modules_loaded_after(code, ("torch._dynamo", "sympy")) == []
+
+
+def test_a_model_built_on_cpu_still_draws_its_embeddings():
+    import torch
+
+    from minilora.config import ModelConfig
+    from minilora.model import CausalLM
+
+    cfg = ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 256, "hidden_size": 64,
+                                    "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "num_key_value_heads": 1})
+    torch.manual_seed(0)
+    weight = CausalLM(cfg).model.embed_tokens.weight
+    assert weight.requires_grad and abs(float(weight.std()) - 1.0) < 0.05 and abs(float(weight.mean())) < 0.05
