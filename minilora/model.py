@@ -279,10 +279,12 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        if not self.embed_tokens.weight.is_meta:  # on "meta" (loading) nothing to draw; torch's meta
-            nn.init.normal_(self.embed_tokens.weight)  # normal_ would import torch._dynamo: 1 s, 70 MB
+        # drawn only off the meta device: on "meta" (a model built to load into) torch's normal_
+        # imports torch._dynamo and sympy, 1 s and 70 MB for nothing
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
+        if not weight.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(DecoderLayer(cfg, kind) for kind in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
 

@@ -1,13 +1,15 @@
 """What a run carries without using it: heavy imports show up in every run's peak RSS and start-up
 time (the benchmark's memory target counts them)."""
 
+import json
 import subprocess
 import sys
 
 
 def _modules_loaded_after(code: str, watched: tuple[str, ...]) -> list[str]:
-    probe = f"import sys\n{code}\nprint(sorted(m for m in {watched!r} if m in sys.modules))"
-    return eval(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
 
 
 def test_training_imports_leave_out_bitsandbytes_and_matplotlib():
