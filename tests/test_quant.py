@@ -155,4 +155,3 @@ def test_dequantizations_per_step(monkeypatch, policy):
         assert all(m._dequantized is None for m in model.modules() if isinstance(m, NF4Linear))  # freed
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=1e-7)
-
