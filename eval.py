@@ -9,13 +9,16 @@ and comparison.md with the side-by-side table.
 
 import sys
 
-from minilora.cli import run_cli
-from minilora.compare import EvalConfig, run_comparison
+from minilora.allocator import reexec_with_preferred_malloc
 
 
 def main(argv=None) -> int:
+    from minilora.cli import run_cli
+    from minilora.compare import EvalConfig, run_comparison  # loads torch: after the malloc choice below
+
     return run_cli(EvalConfig, run_comparison, __doc__, argv)
 
 
 if __name__ == "__main__":
+    reexec_with_preferred_malloc()  # before torch loads: tcmalloc if installed (minilora/allocator.py)
     sys.exit(main())

@@ -7,13 +7,16 @@ Every setting is a flag (python train.py --help); the resolved config is saved i
 
 import sys
 
-from minilora.cli import run_cli
-from minilora.finetune import RunConfig, run
+from minilora.allocator import reexec_with_preferred_malloc
 
 
 def main(argv=None) -> int:
+    from minilora.cli import run_cli
+    from minilora.finetune import RunConfig, run  # loads torch: after the malloc choice below
+
     return run_cli(RunConfig, run, __doc__, argv)
 
 
 if __name__ == "__main__":
+    reexec_with_preferred_malloc()  # before torch loads: tcmalloc if installed (minilora/allocator.py)
     sys.exit(main())

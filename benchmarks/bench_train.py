@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, markdown_table, median, peak_rss_mb,
-                    reference_stack_missing, run_worker, set_threads, step_flops, write_json)
+from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, malloc_in_use, markdown_table, median,
+                    peak_rss_mb, reference_stack_missing, run_worker, set_threads, step_flops, write_json)
 
 STACKS = ("minilora", "reference")
+MALLOC_CHOICES = ("cli", "same", "system")
 POLICIES = ("selective", "full")  # minilora.recompute.CHECKPOINT_POLICIES (the driver does not import torch)
 SMOKE_CONFIGS = "selective,full+share+qlora+once"
 MODIFIERS = {"share": ("--share-prefix", "shared prefix"), "qlora": ("--qlora", "QLoRA"),
@@ -80,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for both stacks (default: torch's)")
     p.add_argument("--matmul-seconds", type=float, default=0.4,
                    help="duration of each fp32 matmul rate probe (one before the first step, one after every step)")
+    p.add_argument("--malloc", default="cli", choices=MALLOC_CHOICES,
+                   help="cli: minilora on the malloc train.py restarts on (tcmalloc when installed, see "
+                        "minilora/allocator.py), the reference on the system's, as each stack's users get them; "
+                        "same: both on train.py's choice; system: both on the system's")
     p.add_argument("--stack", default="both", choices=["both", *STACKS], help="run only one stack")
     p.add_argument("--smoke", action="store_true", help="2 steps on 16 rows, 1 round, no warm-up (CI check)")
     p.add_argument("--json", default=None, help="write the full results here")
@@ -126,6 +132,15 @@ def worker_argv(args: argparse.Namespace, stack: str, config: tuple[str, ...] | 
         policy, *modifiers = config
         argv += ["--checkpoint-policy", policy] + [MODIFIERS[m][0] for m in modifiers]
     return argv
+
+
+def worker_env(malloc: str, stack: str) -> dict[str, str]:
+    """The environment a worker starts in: LD_PRELOAD set as `--malloc` says (see its help)."""
+    from minilora.allocator import preferred_malloc, with_preloaded  # torch-free
+
+    if malloc == "system" or (malloc == "cli" and stack == "reference"):
+        return {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
+    return with_preloaded(preferred_malloc())
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -241,7 +256,7 @@ def minilora_worker(args: argparse.Namespace) -> dict:
             "prompt_format": prompt_format, "init_checksum": checksum, "share_prefix": args.share_prefix,
             "checkpoint_policy": args.checkpoint_policy, "qlora": args.qlora,
             "dequantize_once": args.dequantize_once, **result,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "malloc": malloc_in_use()}
 
 
 def reference_worker(args: argparse.Namespace) -> dict:
@@ -280,7 +295,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
     return {"stack": "reference", "threads": threads, "load_s": load_s, "folder": str(folder),
             "prompt_format": prompt_format, "init_checksum": checksum,
             "attn_implementation": getattr(model.config, "_attn_implementation", None), **result,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "malloc": malloc_in_use()}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -306,6 +321,7 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         "final_loss": first["losses"][-1],
         "losses_same_every_round": all(run["losses"] == first["losses"] for run in runs),
         "init_checksum": first["init_checksum"],
+        "malloc": "/".join(sorted({run["malloc"] for run in runs})),
     }
 
 
@@ -326,13 +342,13 @@ def report(args: argparse.Namespace, results: dict[str, dict], threads: int, ski
         c = comparison.get(name, {})
         rows.append([name, r["median_step_s"], c.get("speedup"), r["tokens_per_s"], r["peak_rss_mb"],
                      c.get("rss_ratio"), r["final_loss"], c.get("max_rel_loss_diff"), r["useful_gflops_per_s"],
-                     r["matmul_gflops_per_s"], r["useful_over_matmul"], r["load_s"]])
+                     r["matmul_gflops_per_s"], r["useful_over_matmul"], r["load_s"], r["malloc"]])
     timed = args.steps - args.warmup
     lines = [f"## Training step: {args.model}, {args.steps} steps ({timed} timed after {args.warmup} warm-up), "
              f"{args.rounds} round(s), batch {args.batch_size}, threads {threads}", "",
              markdown_table(["run", "s / step (median)", "speed-up vs reference", "tokens / s", "peak RSS (MiB)",
                              "RSS / reference", "final loss", "max rel. loss diff vs reference", "useful GFLOP/s",
-                             "matmul GFLOP/s", "useful / matmul", "model load (s)"], rows), ""]
+                             "matmul GFLOP/s", "useful / matmul", "model load (s)", "malloc"], rows), ""]
     if skipped:
         lines.append(f"reference: skipped ({skipped})")
     for name, c in comparison.items():
@@ -376,7 +392,8 @@ def main(argv=None) -> int:
         for label, stack, config in jobs:
             log(f"round {round_index + 1}/{args.rounds}: {label}")
             try:
-                runs[label].append(run_worker(Path(__file__), worker_argv(args, stack, config)))
+                runs[label].append(run_worker(Path(__file__), worker_argv(args, stack, config),
+                                              worker_env(args.malloc, stack)))
             except RuntimeError as err:  # the worker printed its own error / traceback on stderr
                 log(f"error: {err}")
                 return 2

@@ -26,6 +26,13 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # --------------------------------------------------------------------------------- process / system
 
 
+def malloc_in_use() -> str:
+    """The malloc this process runs on: a preloaded tcmalloc / jemalloc shows in its memory map."""
+    with open("/proc/self/maps") as maps:
+        text = maps.read()
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in text), "glibc")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -50,12 +57,13 @@ def reference_stack_missing() -> str | None:
     return None
 
 
-def run_worker(script: Path, args: list[str]) -> dict:
-    """Run `python script args` and return the JSON object of the last stdout line that is one.
+def run_worker(script: Path, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run `python script args` (in `env`, default ours) and return the JSON object of the last stdout
+    line that is one.
 
     The worker's stderr goes straight to ours (progress lines); a failing worker raises RuntimeError."""
     cmd = [sys.executable, str(script), *args]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stdout.splitlines()[-20:])

@@ -1,0 +1,90 @@
+"""The command-line scripts' malloc choice (minilora/allocator.py): where tcmalloc is looked for, what
+MINILORA_MALLOC selects, and the one restart with LD_PRELOAD that a real process goes through."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minilora.allocator import (ENV_CHOICE, find_tcmalloc, is_preloaded, library_dirs, preferred_malloc,
+                                with_preloaded)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fake_library(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"\x7fELF")
+    return folder / name
+
+
+def test_library_dirs_put_the_virtual_environment_first(tmp_path):
+    dirs = library_dirs({"VIRTUAL_ENV": str(tmp_path / "venv"), "CONDA_PREFIX": str(tmp_path / "conda")})
+    assert dirs[:2] == [tmp_path / "venv" / "lib", tmp_path / "conda" / "lib"]
+    assert Path("/usr/lib/x86_64-linux-gnu") in dirs
+    assert len(dirs) == len(set(dirs))
+
+
+def test_find_tcmalloc_takes_the_first_folder_that_has_one(tmp_path):
+    empty, first, second = tmp_path / "empty", tmp_path / "first", tmp_path / "second"
+    empty.mkdir()
+    assert find_tcmalloc([empty]) is None
+    found = _fake_library(first, "libtcmalloc.so.4")
+    _fake_library(second, "libtcmalloc_minimal.so.4")
+    assert find_tcmalloc([empty, first, second]) == found
+    # within a folder the minimal build (no heap profiler) is preferred
+    minimal = _fake_library(first, "libtcmalloc_minimal.so.4")
+    assert find_tcmalloc([first]) == minimal
+
+
+def test_minilora_malloc_selects_auto_system_or_a_path(tmp_path):
+    library = _fake_library(tmp_path / "lib", "libtcmalloc_minimal.so.4")
+    assert preferred_malloc({}, [tmp_path / "lib"]) == library  # auto is the default
+    assert preferred_malloc({ENV_CHOICE: "auto"}, [tmp_path]) is None  # auto, nothing installed
+    assert preferred_malloc({ENV_CHOICE: "system"}, [tmp_path / "lib"]) is None
+    other = _fake_library(tmp_path / "elsewhere", "libjemalloc.so.2")
+    assert preferred_malloc({ENV_CHOICE: str(other)}, []) == other
+    with pytest.raises(FileNotFoundError, match=f"{ENV_CHOICE}=.*no such file.*'auto', 'system'"):
+        preferred_malloc({ENV_CHOICE: str(tmp_path / "missing.so")}, [])
+
+
+def test_with_preloaded_prepends_once_and_keeps_other_preloads(tmp_path):
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    env = with_preloaded(library, {"LD_PRELOAD": "/opt/libother.so", "HOME": "/home/x"})
+    assert env["LD_PRELOAD"] == f"{library} /opt/libother.so"
+    assert env["HOME"] == "/home/x" and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" in env
+    assert is_preloaded(library, env)
+    assert with_preloaded(library, env)["LD_PRELOAD"] == env["LD_PRELOAD"]  # already there: unchanged
+    assert with_preloaded(None, {"A": "1"}) == {"A": "1"}
+    assert not is_preloaded(library, {"LD_PRELOAD": "/opt/libother.so:/opt/libthird.so"})
+
+
+def test_import_minilora_loads_no_torch():
+    # train.py can only restart on another malloc cheaply while torch is not loaded yet
+    code = "import sys, minilora, minilora.allocator; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+
+
+_PROBE = ("from minilora.allocator import reexec_with_preferred_malloc; reexec_with_preferred_malloc(); "
+          "print(any('libtcmalloc' in line for line in open('/proc/self/maps')))")
+
+
+def _run_probe(choice: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    env[ENV_CHOICE] = choice
+    return subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, cwd=REPO, env=env)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux features")
+def test_a_process_restarts_once_on_tcmalloc_or_stays_on_the_system_malloc():
+    library = find_tcmalloc()
+    if library is None:
+        pytest.skip("no tcmalloc installed here (bash .ci/fetch-tcmalloc puts one into the virtual environment)")
+    restarted = _run_probe(str(library))
+    assert restarted.stdout.strip() == "True"
+    assert restarted.stderr.count("restarting on libtcmalloc") == 1
+    kept = _run_probe("system")
+    assert kept.stdout.strip() == "False" and "restarting" not in kept.stderr
