@@ -110,6 +110,57 @@ class Unpadded:
         return padded.view(self.batch, self.length, *x.shape[1:])
 
 
+@dataclass
+class Selection:
+    """The tokens whose outputs a forward needs (`outputs_at`), as the last layer uses them.
+
+    Only keys and values of the last layer depend on every token; its queries, attention output,
+    o_proj and MLP are needed only where hidden states or logits are read (a label's few positions
+    in training, each row's last prompt token in scoring), so it runs those on the selected tokens:
+    ~1/L of the decoder's work removed. The selected queries are laid out on a (B, width) grid,
+    row by row, for one batched SDPA call with an explicit mask."""
+
+    rows: Tensor  # (M,) each selected token's row among the layer's tokens (flat B*T, or unpadded N)
+    grid: Tensor  # (M,) its slot in the flattened (B, width) query grid
+    width: int
+    mask: Tensor  # (B, 1, width, S) the keys each grid query may attend to
+
+    @classmethod
+    def of(cls, outputs_at: Tensor, positions: Tensor, valid: Tensor, key_positions: Tensor, key_valid: Tensor,
+           window: int | None, unpadded: "Unpadded | None") -> "Selection":
+        batch, length = valid.shape
+        if outputs_at.dtype == torch.bool:
+            flat = outputs_at.reshape(-1).nonzero().squeeze(1)
+        else:
+            flat = outputs_at.reshape(-1).long()
+        if not bool(valid.reshape(-1)[flat].all()):
+            raise ValueError("outputs_at selects a padding position; only real tokens have outputs")
+        row_of = flat // length
+        # slot = number of earlier selections in the same batch row (stable: keeps the caller's order)
+        ordered, order = flat.sort(stable=True)
+        counts = torch.bincount(ordered // length, minlength=batch)
+        slot_sorted = torch.arange(len(flat), device=flat.device) - (counts.cumsum(0) - counts)[ordered // length]
+        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
+        width = max(int(counts.max()), 1) if len(flat) else 1
+        grid = row_of * width + slot
+        query_positions = torch.zeros(batch * width, dtype=positions.dtype, device=positions.device)
+        query_positions[grid] = positions.reshape(-1)[flat]
+        query_used = torch.zeros(batch * width, dtype=torch.bool, device=valid.device)
+        query_used[grid] = True
+        q_pos, k_pos = query_positions.view(batch, width, 1), key_positions[:, None, :]
+        allowed = (k_pos <= q_pos) & key_valid[:, None, :] & query_used.view(batch, width, 1)
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        allowed[..., :1] |= ~allowed.any(-1, keepdim=True)  # unused slots see one key: no NaN, output dropped
+        if unpadded is not None:  # flat position -> row among the real tokens
+            row_index = torch.full((batch * length,), -1, dtype=torch.long, device=flat.device)
+            row_index[unpadded.index] = torch.arange(len(unpadded.index), device=flat.device)
+            rows = row_index[flat]
+        else:
+            rows = flat
+        return cls(rows, grid, width, allowed[:, None])
+
+
 # ------------------------------------------------------------------------------------------- cache
 
 
@@ -132,7 +183,7 @@ class KVCache:
 @dataclass
 class DecoderOutput:
     logits: Tensor | None  # (B, T, V), (B, V) for "last", (N, V) for a position selection, None for "none"
-    hidden: Tensor  # (B, T, H) final-normed hidden states (meaningless at padding)
+    hidden: Tensor  # (B, T, H) final-normed hidden states (meaningless at padding); (N, H) with outputs_at
     cache: KVCache | None  # only when use_cache=True
 
 
@@ -157,18 +208,29 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
-        unpadded: Unpadded | None = None,
+        unpadded: Unpadded | None = None, selection: Selection | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """selection: queries only for those tokens (`mask` is then `selection.mask`); returns (M, hidden)."""
         tokens = x.shape[:-1]  # (B, T), or (N,) when unpadded
-        q = self.q_proj(x).view(*tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
+        if selection is None:
+            q, q_cos, q_sin = self.q_proj(x).view(*tokens, self.num_heads, self.head_dim), cos, sin
+        else:
+            rows = selection.rows
+            q = self.q_proj(x.reshape(-1, x.shape[-1])[rows]).view(-1, self.num_heads, self.head_dim)
+            q_cos, q_sin = (c.reshape(-1, *c.shape[-2:])[rows] for c in (cos, sin))
         if self.qk_norm:  # Gemma 3 normalises q and k over head_dim before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
         if unpadded is not None:
-            q, k, v = unpadded.scatter(q), unpadded.scatter(k), unpadded.scatter(v)
-        batch = q.shape[0]
+            k, v = unpadded.scatter(k), unpadded.scatter(v)
+            if selection is None:
+                q = unpadded.scatter(q)
+        batch = k.shape[0]
+        if selection is not None:  # (M, heads, hd) -> (B, width, heads, hd)
+            q = q.new_zeros(batch * selection.width, *q.shape[1:]).index_copy(0, selection.grid, q)
+            q = q.view(batch, selection.width, *q.shape[1:])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if past is not None:
             past_k, past_v = past
@@ -185,6 +247,9 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         out = out.transpose(1, 2)  # (B, T, heads, hd)
+        if selection is not None:
+            out = out.reshape(-1, self.num_heads, self.head_dim).index_select(0, selection.grid)
+            return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), present
         if unpadded is not None:
             out = unpadded.gather(out)
         return self.o_proj(out.reshape(*tokens, self.num_heads * self.head_dim)), present
@@ -234,9 +299,11 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
-        unpadded: Unpadded | None = None,
+        unpadded: Unpadded | None = None, selection: Selection | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded)
+        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded, selection)
+        if selection is not None:  # from here on the residual stream is needed at the selected tokens only
+            x = x.reshape(-1, x.shape[-1])[selection.rows]
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn_out)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
@@ -344,16 +411,26 @@ class CausalLM(nn.Module):
         logits_at: str | Tensor = "all",
         recompute: bool | None = None,
         unpad: bool = True,
+        outputs_at: Tensor | None = None,
     ) -> DecoderOutput:
         """input_ids (B, T); attention_mask (B, T) 1 for real tokens; position ids default to the
         count of real tokens before each one (so left padding does not shift positions).
 
         logits_at: "all" -> (B, T, V); "last" -> (B, V); "none" -> no LM head;
-        a bool (B, T) mask or an index tensor over the flattened (B*T) positions -> (N, V).
+        a bool (B, T) mask or an index tensor over the flattened (B*T) positions -> (N, V), the same as
+        outputs_at=that, logits_at="all".
+        outputs_at: the positions (same forms) whose outputs are needed: the last layer runs only there
+        (see `Selection`); hidden is then (N, H) and logits_at="all" gives (N, V). Real tokens only.
         recompute: gradient checkpointing for this call (None: `self.gradient_checkpointing`).
         unpad: run everything but attention on the real tokens only (see `Unpadded`); False computes
         the padding positions too (same results at the real tokens).
         """
+        if isinstance(logits_at, Tensor):  # logits at chosen positions: compute only those outputs
+            if outputs_at is not None:
+                raise ValueError("positions go in logits_at or in outputs_at, not both")
+            outputs_at, logits_at = logits_at, "all"
+        if outputs_at is not None and logits_at == "last":
+            raise ValueError("logits_at='last' needs every position's output; with outputs_at use 'all' or 'none'")
         batch, length = input_ids.shape
         device = input_ids.device
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -370,6 +447,13 @@ class CausalLM(nn.Module):
         else:
             h, token_positions = self.embed(unpadded.gather(input_ids)), unpadded.gather(position_ids)
         ropes = {kind: self._rope(kind, token_positions, h.dtype) for kind in set(self.config.layer_types)}
+        selection = None
+        if outputs_at is not None:
+            window = self.config.sliding_window if self.config.layer_types[-1] == "sliding_attention" else None
+            key_positions, key_valid = self._keys(position_ids, valid, cache)
+            selection = Selection.of(outputs_at.to(device), position_ids, valid, key_positions, key_valid, window,
+                                     unpadded)
+        last = len(self.model.layers) - 1
         recompute = self.gradient_checkpointing if recompute is None else recompute
         checkpointing = recompute and self.training and torch.is_grad_enabled()
         context_fn = checkpoint_context(self.checkpoint_policy) if checkpointing else None
@@ -378,15 +462,17 @@ class CausalLM(nn.Module):
             kind = self.config.layer_types[index]
             cos, sin = ropes[kind]
             past = cache.layers[index] if cache is not None else None
+            chosen = selection if index == last else None
+            mask = chosen.mask if chosen is not None else masks[kind]
             if checkpointing:
                 h, present = checkpoint(
-                    layer, h, cos, sin, masks[kind], past, unpadded, use_reentrant=False, context_fn=context_fn
+                    layer, h, cos, sin, mask, past, unpadded, chosen, use_reentrant=False, context_fn=context_fn
                 )
             else:
-                h, present = layer(h, cos, sin, masks[kind], past, unpadded)
+                h, present = layer(h, cos, sin, mask, past, unpadded, chosen)
             presents.append(present)
         h = self.model.norm(h)
-        if unpadded is not None:
+        if unpadded is not None and selection is None:
             h = unpadded.scatter(h)
 
         new_cache = None
@@ -396,21 +482,24 @@ class CausalLM(nn.Module):
             new_cache = KVCache(
                 presents, torch.cat((old_pos, position_ids), dim=1), torch.cat((old_valid, valid), dim=1)
             )
-        return DecoderOutput(self._logits(h, logits_at, device), h, new_cache)
+        return DecoderOutput(self._logits(h, logits_at), h, new_cache)
 
-    def _logits(self, h: Tensor, logits_at: str | Tensor, device: torch.device) -> Tensor | None:
-        if isinstance(logits_at, str):
-            if logits_at == "all":
-                return self.project(h)
-            if logits_at == "last":
-                return self.project(h[:, -1])
-            if logits_at == "none":
-                return None
-            raise ValueError(f"logits_at={logits_at!r}: expected 'all', 'last', 'none' or a position tensor")
-        flat = h.reshape(-1, h.shape[-1])
-        if logits_at.dtype == torch.bool:
-            return self.project(flat[logits_at.reshape(-1).to(device)])
-        return self.project(flat[logits_at.to(device)])
+    def _logits(self, h: Tensor, logits_at: str) -> Tensor | None:
+        if logits_at == "all":
+            return self.project(h)
+        if logits_at == "last":
+            return self.project(h[:, -1])
+        if logits_at == "none":
+            return None
+        raise ValueError(f"logits_at={logits_at!r}: expected 'all', 'last', 'none' or a position tensor")
+
+    def _keys(self, positions: Tensor, valid: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """Position ids and validity (B, S) of every key a query attends over: the cache's, then these."""
+        if cache is None:
+            return positions, valid
+        batch = positions.shape[0]
+        return (torch.cat((cache.positions.expand(batch, -1), positions), dim=1),
+                torch.cat((cache.valid.expand(batch, -1), valid), dim=1))
 
     def _masks(
         self, positions: Tensor, valid: Tensor, cache: KVCache | None, padded: bool
@@ -420,11 +509,7 @@ class CausalLM(nn.Module):
         length = positions.shape[1]
         window = self.config.sliding_window
         plain_causal = cache is None and (not padded or _is_right_padded(valid))
-        if cache is not None:
-            key_pos = torch.cat((cache.positions.expand(positions.shape[0], -1), positions), dim=1)
-            key_valid = torch.cat((cache.valid.expand(positions.shape[0], -1), valid), dim=1)
-        else:
-            key_pos, key_valid = positions, valid
+        key_pos, key_valid = self._keys(positions, valid, cache)
         masks: dict[str, Tensor | None] = {}
         for kind in set(self.config.layer_types):
             kind_window = window if kind == "sliding_attention" else None

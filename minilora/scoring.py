@@ -76,8 +76,9 @@ def _score_rows(model: CausalLM, rows: list[list[int]], label_ids: list[list[int
     predicted, and log p(rest of each label | prompt, its first token) (B, n_labels)."""
     ids, mask = _pad_right(rows, pad_id, device)
     multi_token = any(len(tokens) > 1 for tokens in label_ids)
-    out = model(ids, attention_mask=mask, cache=prefix_cache, use_cache=multi_token, logits_at="none")
-    last_hidden = out.hidden[torch.arange(len(rows), device=device), mask.sum(1) - 1]
+    last = torch.arange(len(rows), device=device) * ids.shape[1] + mask.sum(1) - 1  # flat (B*T) positions
+    out = model(ids, attention_mask=mask, cache=prefix_cache, use_cache=multi_token, logits_at="none", outputs_at=last)
+    last_hidden = out.hidden  # (B, H): the last layer ran only there
     scores = []
     for tokens in label_ids:
         total = torch.zeros(len(rows), device=device)
