@@ -121,13 +121,15 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
     Except in the first layer: q / k / v read the frozen embeddings (through a norm), so nothing
     asks for their input gradient, and neither their 2 * P_qkv backward nor their adapters' 2 * r * in
     of it is run.
+    Except in the last layer: only k / v are needed at every token; q, attention, o and the MLP run
+    only at the supervised positions (`outputs_at`, model.Selection), taken to be each row's last ones
+    before its final token (the answer ends the row).
     Plus the LM head at supervised positions only: 2 * H * V forward + 2 * H * V backward.
-    Not counted: gradient-checkpoint recomputation, padding, positions whose logits are skipped,
+    Not counted: gradient-checkpoint recomputation, padding, positions whose outputs are not needed,
     norms / activations / softmax / RoPE (elementwise), the optimizer. shared_prefix = P > 0 counts
-    the first P tokens once for the whole batch (what --share-prefix computes). The rows read only
-    the prefix's keys / values, so in the last layer the prefix's queries, attention, o and MLP get
-    no gradient: their backward is not counted (their forward is, as it runs: one layer of P tokens).
-    tests/test_bench_flops.py checks the projection, adapter and head part against torch's counter.
+    the first P tokens once for the whole batch (what --share-prefix computes; none of them is
+    supervised). tests/test_bench_flops.py checks the projection, adapter and head part against
+    torch's counter.
     """
     shapes = linear_shapes(cfg)
     p_linear = sum(a * b for a, b in shapes.values())
@@ -145,18 +147,18 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
             return sum(min(t + 1, window) for t in range(start, stop))
         return (stop * (stop + 1) - start * (start + 1)) // 2
 
+    last = cfg.layer_types[-1]
     tokens = attention = 0
     for row, length in enumerate(lengths):
         start = shared_prefix if row > 0 else 0  # rows after the first reuse the prefix keys / values
         tokens += length - start
-        attention += sum(context_sum(start, length, kind) for kind in cfg.layer_types) * attn_unit
-    body = tokens * per_token
-    if shared_prefix > 0:  # the prefix's last-layer outputs feed nothing
-        dead_ends = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-        body -= shared_prefix * sum(2 * a * b + (4 * r * (a + b) if name in targets else 0)
-                                    for name, (a, b) in shapes.items() if name in dead_ends)
-        last = cfg.layer_types[-1]
-        attention -= context_sum(0, shared_prefix, last) * 8 * cfg.num_heads * cfg.head_dim
+        attention += sum(context_sum(start, length, kind) for kind in cfg.layer_types[:-1]) * attn_unit
+        attention += context_sum(length - 1 - supervised[row], length - 1, last) * attn_unit
+    # last layer: q, o and the MLP (forward and backward, adapters included) at supervised positions only
+    last_layer_only_selected = sum(4 * a * b + (6 * r * (a + b) if name in targets else 0)
+                                   for name, (a, b) in shapes.items()
+                                   if name in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    body = tokens * per_token - (tokens - sum(supervised)) * last_layer_only_selected
     head = sum(supervised) * 4 * cfg.hidden_size * cfg.vocab_size
     return {"total": body + attention + head, "linear_and_lora": body, "attention": attention, "lm_head": head,
             "tokens_computed": tokens}

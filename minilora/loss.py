@@ -45,8 +45,11 @@ def completion_loss(model: CausalLM, batch: Batch, share_prefix: int = 0) -> Los
     if share_prefix > 0:
         if bool((select[:, :share_prefix]).any()):
             raise ValueError(f"shared prefix of {share_prefix} tokens overlaps a supervised position")
-        # one short row: its activations are small, so checkpointing it would only add recompute work
-        prefix = model(batch.input_ids[:1, :share_prefix], use_cache=True, logits_at="none", recompute=False).cache
+        # one short row: its activations are small, so checkpointing it would only add recompute work;
+        # only its keys / values are read, so the last layer computes no output for it (empty outputs_at)
+        prefix_ids = batch.input_ids[:1, :share_prefix]
+        no_outputs = torch.zeros(0, dtype=torch.long, device=prefix_ids.device)
+        prefix = model(prefix_ids, use_cache=True, logits_at="none", recompute=False, outputs_at=no_outputs).cache
         logits = model(
             batch.input_ids[:, share_prefix:], attention_mask=batch.attention_mask[:, share_prefix:],
             cache=prefix, logits_at=select[:, share_prefix:],

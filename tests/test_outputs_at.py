@@ -76,6 +76,12 @@ def test_selected_outputs_after_a_shared_prefix_cache_and_the_cache_stays_comple
     follow = torch.randint(3, 128, (3, 2), generator=gen)
     with torch.no_grad():
         cache = model(prefix, use_cache=True).cache
+        # the shared-prefix training path: no output needed, only the keys / values
+        keys_only = model(prefix, use_cache=True, logits_at="none", outputs_at=torch.zeros(0, dtype=torch.long))
+        assert keys_only.hidden.shape == (0, model.config.hidden_size)
+        for (k_full, v_full), (k_only, v_only) in zip(cache.layers, keys_only.cache.layers):
+            torch.testing.assert_close(k_only, k_full, rtol=0, atol=0)
+            torch.testing.assert_close(v_only, v_full, rtol=0, atol=0)
         full = model(rest, attention_mask=mask, cache=cache, use_cache=True)
         part = model(rest, attention_mask=mask, cache=cache, use_cache=True, logits_at="none", outputs_at=last)
         torch.testing.assert_close(part.hidden, full.hidden.reshape(-1, full.hidden.shape[-1])[last], rtol=0, atol=1e-5)
