@@ -68,19 +68,23 @@ def scored(name: str, predicted: list[str], gold: list[str], seconds: float) -> 
 
 def score_flops(cfg, formatter, texts: list[str]) -> dict:
     """Matmul FLOPs `score` cannot avoid, per row: every token after the shared prefix through every
-    projection (2 * P_linear per token and layer), the LM head at the positions predicting a label
-    token, and the multi-token labels' continuations. Attention and elementwise work are left out, so
-    this over-states the reachable speed. The prefix is counted once for the run."""
+    projection (2 * P_linear per token and layer), except that the last layer's q, o and MLP run only
+    where an output is read (model.Selection), the LM head at the positions predicting a label token,
+    and the multi-token labels' continuations. Attention and elementwise work are left out, so this
+    over-states the reachable speed. The prefix is counted once for the run."""
     from minilora.scoring import shared_prompt_prefix
 
     prompts = [formatter.prompt_ids(t) for t in texts]
     prefix = shared_prompt_prefix(prompts)
-    per_token = 2 * sum(a * b for a, b in linear_shapes(cfg).values()) * cfg.num_layers
+    shapes = linear_shapes(cfg)
+    last_layer_outputs = 2 * sum(a * b for name, (a, b) in shapes.items() if name not in ("k_proj", "v_proj"))
+    per_token = 2 * sum(a * b for a, b in shapes.values()) * cfg.num_layers - last_layer_outputs
     head = 2 * cfg.hidden_size * cfg.vocab_size
     labels = [formatter.label_ids[label] for label in formatter.labels]
     continuation = sum(len(t) - 1 for t in labels)  # tokens fed after the prompt, per row
     row_tokens = sum(len(p) - prefix for p in prompts) / len(prompts)
-    per_row = (row_tokens + continuation) * per_token + (1 + continuation) * head
+    # outputs are read at each row's last prompt token and at every continuation token
+    per_row = (row_tokens + continuation) * per_token + (1 + continuation) * (last_layer_outputs + head)
     return {"prefix_tokens": prefix, "mean_row_tokens": row_tokens, "label_tokens": [len(t) for t in labels],
             "flops_per_row": per_row, "prefix_flops": prefix * per_token}
 
