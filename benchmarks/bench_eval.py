@@ -69,7 +69,7 @@ def scored(name: str, predicted: list[str], gold: list[str], seconds: float) -> 
 def score_flops(cfg, formatter, texts: list[str]) -> dict:
     """Matmul FLOPs `score` cannot avoid, per row: every token after the shared prefix through every
     projection (2 * P_linear per token and layer), except that the last layer's q, o and MLP run only
-    where an output is read (model.Selection), the LM head at the positions predicting a label token,
+    where an output is read (positions.Selection), the LM head at the positions predicting a label token,
     and the multi-token labels' continuations. Attention and elementwise work are left out, so this
     over-states the reachable speed. The prefix is counted once for the run."""
     from minilora.scoring import shared_prompt_prefix

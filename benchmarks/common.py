@@ -122,7 +122,7 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
     asks for their input gradient, and neither their 2 * P_qkv backward nor their adapters' 2 * r * in
     of it is run.
     Except in the last layer: only k / v are needed at every token; q, attention, o and the MLP run
-    only at the supervised positions (`outputs_at`, model.Selection), taken to be each row's last ones
+    only at the supervised positions (`outputs_at`, positions.Selection), taken to be each row's last ones
     before its final token (the answer ends the row).
     Plus the LM head at supervised positions only: 2 * H * V forward + 2 * H * V backward.
     Not counted: gradient-checkpoint recomputation, padding, positions whose outputs are not needed,

@@ -1,5 +1,5 @@
 """`outputs_at`: the last layer runs its queries, o_proj and MLP only at the positions whose outputs are
-read (model.Selection). Hidden states, logits and every gradient must equal the full forward's at
+read (positions.Selection). Hidden states, logits and every gradient must equal the full forward's at
 those positions: with padding on either side, unpadded or not, after a shared-prefix cache, in a
 last layer with a sliding window or a soft-capped attention, and under both checkpoint policies."""
 

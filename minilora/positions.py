@@ -1,0 +1,87 @@
+"""Which token positions the decoder computes: the real tokens of a padded batch (`Unpadded`) and,
+in the last layer, only those whose outputs are read (`Selection`). Both are index bookkeeping that
+`model.py` applies; neither holds weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Unpadded:
+    """Where the real tokens of a padded (B, T) batch sit among its B * T positions.
+
+    Everything but attention works token by token, so the model runs embeddings, projections, norms
+    and the MLP on the N real tokens only (a padded batch of short rows is a quarter padding or
+    more); attention scatters q / k / v back to (B, T) for one batched SDPA call."""
+
+    index: Tensor  # (N,) flat positions of the real tokens
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, valid: Tensor) -> Unpadded:
+        return cls(valid.reshape(-1).nonzero().squeeze(1), valid.shape[0], valid.shape[1])
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
+
+    def scatter(self, x: Tensor) -> Tensor:
+        """(N, ...) -> (B, T, ...), zeros at padding (which every attention mask excludes)."""
+        padded = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        return padded.view(self.batch, self.length, *x.shape[1:])
+
+
+@dataclass
+class Selection:
+    """The tokens whose outputs a forward needs (`outputs_at`), as the last layer uses them.
+
+    Only keys and values of the last layer depend on every token; its queries, attention output,
+    o_proj and MLP are needed only where hidden states or logits are read (a label's few positions
+    in training, each row's last prompt token in scoring), so it runs those on the selected tokens:
+    ~1/L of the decoder's work removed. The selected queries are laid out on a (B, width) grid,
+    row by row, for one batched SDPA call with an explicit mask."""
+
+    rows: Tensor  # (M,) each selected token's row among the layer's tokens (flat B*T, or unpadded N)
+    grid: Tensor  # (M,) its slot in the flattened (B, width) query grid
+    width: int
+    mask: Tensor  # (B, 1, width, S) the keys each grid query may attend to
+
+    @classmethod
+    def of(cls, outputs_at: Tensor, positions: Tensor, valid: Tensor, key_positions: Tensor, key_valid: Tensor,
+           window: int | None, unpadded: Unpadded | None) -> Selection:
+        batch, length = valid.shape
+        if outputs_at.dtype == torch.bool:
+            flat = outputs_at.reshape(-1).nonzero().squeeze(1)
+        else:
+            flat = outputs_at.reshape(-1).long()
+        if not bool(valid.reshape(-1)[flat].all()):
+            raise ValueError("outputs_at selects a padding position; only real tokens have outputs")
+        row_of = flat // length
+        # slot = number of earlier selections in the same batch row (stable: keeps the caller's order)
+        ordered, order = flat.sort(stable=True)
+        counts = torch.bincount(ordered // length, minlength=batch)
+        slot_sorted = torch.arange(len(flat), device=flat.device) - (counts.cumsum(0) - counts)[ordered // length]
+        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
+        width = max(int(counts.max()), 1)
+        grid = row_of * width + slot
+        query_positions = torch.zeros(batch * width, dtype=positions.dtype, device=positions.device)
+        query_positions[grid] = positions.reshape(-1)[flat]
+        query_used = torch.zeros(batch * width, dtype=torch.bool, device=valid.device)
+        query_used[grid] = True
+        q_pos, k_pos = query_positions.view(batch, width, 1), key_positions[:, None, :]
+        allowed = (k_pos <= q_pos) & key_valid[:, None, :] & query_used.view(batch, width, 1)
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        allowed[..., :1] |= ~allowed.any(-1, keepdim=True)  # unused slots see one key: no NaN, output dropped
+        if unpadded is not None:  # flat position -> row among the real tokens
+            row_index = torch.full((batch * length,), -1, dtype=torch.long, device=flat.device)
+            row_index[unpadded.index] = torch.arange(len(unpadded.index), device=flat.device)
+            rows = row_index[flat]
+        else:
+            rows = flat
+        return cls(rows, grid, width, allowed[:, None])
