@@ -121,9 +121,9 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
     Except in the first layer: q / k / v read the frozen embeddings (through a norm), so nothing
     asks for their input gradient, and neither their 2 * P_qkv backward nor their adapters' 2 * r * in
     of it is run.
-    Except in the last layer: only k / v are needed at every token; q, attention, o and the MLP run
-    only at the supervised positions (`outputs_at`, positions.Selection), taken to be each row's last ones
-    before its final token (the answer ends the row).
+    Except in the last layer: only k / v are needed at every token; q, attention, o and the MLP
+    run only at the supervised positions (`outputs_at`, positions.Selection), taken to be each
+    row's last ones before its final token (the answer ends the row).
     Plus the LM head at supervised positions only: 2 * H * V forward + 2 * H * V backward.
     Not counted: gradient-checkpoint recomputation, padding, positions whose outputs are not needed,
     norms / activations / softmax / RoPE (elementwise), the optimizer. shared_prefix = P > 0 counts

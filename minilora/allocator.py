@@ -79,7 +79,11 @@ def reexec_with_preferred_malloc() -> None:
     """Restart this script on the preferred malloc, once; returns when there is nothing to do."""
     if not sys.platform.startswith("linux") or "torch" in sys.modules:
         return  # LD_PRELOAD is a Linux loader feature; after torch is imported a restart would cost seconds
-    library = preferred_malloc()
+    try:
+        library = preferred_malloc()
+    except FileNotFoundError as err:  # a mistyped MINILORA_MALLOC: say so, as the CLIs do for bad flags
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if library is None or is_preloaded(library):
         return
     env = with_preloaded(library)

@@ -88,3 +88,11 @@ def test_a_process_restarts_once_on_tcmalloc_or_stays_on_the_system_malloc():
     assert restarted.stderr.count("restarting on libtcmalloc") == 1
     kept = _run_probe("system")
     assert kept.stdout.strip() == "False" and "restarting" not in kept.stderr
+
+
+def test_a_mistyped_minilora_malloc_stops_the_script_with_a_clear_error(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    env[ENV_CHOICE] = str(tmp_path / "libnothere.so")
+    out = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2
+    assert f"error: {ENV_CHOICE}=" in out.stderr and "libnothere.so" in out.stderr and "Traceback" not in out.stderr
