@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
+from tests.tiny import hf_model, ragged_batch, tiny_gemma_config, tiny_llama_config, twin
 
 TOL = 1e-4
 LLAMA3_SCALING = {
@@ -125,16 +125,6 @@ def test_gradient_checkpointing_gives_identical_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6)
 
 
-def _ragged_batch(lengths, side, gen):
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        sl = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[i, sl], mask[i, sl] = torch.randint(3, 128, (n,), generator=gen), 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("name", ["llama-untied", "gemma3"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("policy", ["none", "full", "selective"])
@@ -142,7 +132,7 @@ def test_unpadded_forward_and_gradients_equal_padded(name, side, policy):
     """Running the dense layers on the real tokens only changes nothing at the real tokens: logits,
     and every gradient, with and without checkpointing; padding never reaches a projection."""
     _, ours = _pair(name)
-    ids, mask = _ragged_batch([19, 12, 5], side, torch.Generator().manual_seed(7))
+    ids, mask = ragged_batch([19, 12, 5], side, torch.Generator().manual_seed(7))
     ours.train()
     ours.gradient_checkpointing = policy != "none"
     ours.checkpoint_policy = "full" if policy == "none" else policy
@@ -171,7 +161,7 @@ def test_unpadded_rows_attend_to_a_shared_prefix_cache(name):
     _, ours = _pair(name)
     gen = torch.Generator().manual_seed(8)
     prefix = torch.randint(3, 128, (1, 6), generator=gen)
-    rest, mask = _ragged_batch([9, 4, 7], "right", gen)
+    rest, mask = ragged_batch([9, 4, 7], "right", gen)
     with torch.no_grad():
         cache = ours(prefix, use_cache=True).cache
         got = ours(rest, attention_mask=mask, cache=cache, logits_at=mask.bool()).logits

@@ -9,7 +9,7 @@ import torch
 from minilora.config import ModelConfig
 from minilora.lora import LoraConfig, inject_adapters
 from minilora.model import CausalLM
-from tests.tiny import randomize_, tiny_gemma_config, tiny_llama_config
+from tests.tiny import ragged_batch, randomize_, tiny_gemma_config, tiny_llama_config
 
 CONFIGS = {
     "llama": lambda: tiny_llama_config(),
@@ -29,14 +29,7 @@ def _model(name: str) -> CausalLM:
 
 
 def _ragged(lengths, side, seed=11):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        where = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[i, where], mask[i, where] = torch.randint(3, 128, (n,), generator=gen), 1
-    return ids, mask
+    return ragged_batch(lengths, side, torch.Generator().manual_seed(seed))
 
 
 def _some_real_positions(mask: torch.Tensor, seed=12) -> torch.Tensor:

@@ -102,3 +102,14 @@ def save_tiny_checkpoint(folder, hf, **save_kwargs):
     hf.save_pretrained(folder, **save_kwargs)
     write_tiny_tokenizer(folder, hf.config.vocab_size)
     return folder
+
+
+def ragged_batch(lengths: list[int], side: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (B, max length) and attention mask, each row padded on `side` to the longest."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        where = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, where], mask[i, where] = torch.randint(3, 128, (n,), generator=gen), 1
+    return ids, mask
