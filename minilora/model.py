@@ -132,7 +132,7 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
         unpadded: Unpadded | None = None, selection: Selection | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """selection: queries only for those tokens (`mask` is then `selection.mask`); returns (M, hidden)."""
+        """selection: queries only for those tokens (`mask` is then over its query grid); returns (M, hidden)."""
         tokens = x.shape[:-1]  # (B, T), or (N,) when unpadded
         k = self.k_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
@@ -241,16 +241,18 @@ def build_attention_mask(
 ) -> Tensor:
     """Boolean mask (B, 1, T, S), True where query i may attend to key j: causal by position id,
     inside the sliding window (i - window < j) and not padding. A query that sees no key (a padding
-    query under left padding) is allowed to see itself so SDPA never produces NaN rows."""
+    query under left padding, an unused slot of a `Selection` grid) is allowed to see itself (the
+    i-th of the last T keys, or the first key when there are more queries than keys) so SDPA never
+    produces NaN rows."""
     q_pos, k_pos = query_positions[:, :, None], key_positions[:, None, :]
     allowed = (k_pos <= q_pos) & key_valid[:, None, :]
     if window is not None:
         allowed &= k_pos > q_pos - window
     empty_rows = ~allowed.any(-1, keepdim=True)
     if bool(empty_rows.any()):
-        own_key = torch.zeros_like(allowed)
-        length = query_positions.shape[1]
-        own_key[:, :, -length:] = torch.eye(length, dtype=torch.bool, device=allowed.device)
+        length, keys = query_positions.shape[1], key_positions.shape[1]
+        own = (torch.arange(length, device=allowed.device) + keys - length).clamp(min=0)
+        own_key = torch.arange(keys, device=allowed.device)[None, :] == own[:, None]  # (T, S)
         allowed |= empty_rows & own_key
     return allowed[:, None]
 
@@ -362,19 +364,19 @@ class CausalLM(nn.Module):
         position_ids = position_ids.expand(batch, -1)
 
         padded = attention_mask is not None and not bool(valid.all())  # the one host sync for both uses
-        masks = self._masks(position_ids, valid, cache, padded)
+        key_positions, key_valid = self._keys(position_ids, valid, cache)
+        masks = self._masks(position_ids, valid, key_positions, key_valid, cache is None, padded)
         unpadded = Unpadded.of(valid) if unpad and padded else None
         if unpadded is None:
             h, token_positions = self.embed(input_ids), position_ids
         else:
             h, token_positions = self.embed(unpadded.gather(input_ids)), unpadded.gather(position_ids)
         ropes = {kind: self._rope(kind, token_positions, h.dtype) for kind in set(self.config.layer_types)}
-        selection = None
+        selection = selection_mask = None
         if outputs_at is not None:
+            selection = Selection.of(outputs_at.to(device), position_ids, valid, unpadded)
             window = self.config.sliding_window if self.config.layer_types[-1] == "sliding_attention" else None
-            key_positions, key_valid = self._keys(position_ids, valid, cache)
-            selection = Selection.of(outputs_at.to(device), position_ids, valid, key_positions, key_valid, window,
-                                     unpadded)
+            selection_mask = build_attention_mask(selection.query_positions, key_positions, key_valid, window)
         last = len(self.model.layers) - 1
         recompute = self.gradient_checkpointing if recompute is None else recompute
         checkpointing = recompute and self.training and torch.is_grad_enabled()
@@ -385,7 +387,7 @@ class CausalLM(nn.Module):
             cos, sin = ropes[kind]
             past = cache.layers[index] if cache is not None else None
             chosen = selection if index == last else None
-            mask = chosen.mask if chosen is not None else masks[kind]
+            mask = selection_mask if chosen is not None else masks[kind]
             if checkpointing:
                 h, present = checkpoint(
                     layer, h, cos, sin, mask, past, unpadded, chosen, use_reentrant=False, context_fn=context_fn
@@ -424,14 +426,13 @@ class CausalLM(nn.Module):
                 torch.cat((cache.valid.expand(batch, -1), valid), dim=1))
 
     def _masks(
-        self, positions: Tensor, valid: Tensor, cache: KVCache | None, padded: bool
+        self, positions: Tensor, valid: Tensor, key_pos: Tensor, key_valid: Tensor, no_cache: bool, padded: bool
     ) -> dict[str, Tensor | None]:
         """One mask per layer kind, or None where SDPA's built-in causal mask is exact (the fast path:
         no cache, right padding only, sequence inside the sliding window)."""
         length = positions.shape[1]
         window = self.config.sliding_window
-        plain_causal = cache is None and (not padded or _is_right_padded(valid))
-        key_pos, key_valid = self._keys(positions, valid, cache)
+        plain_causal = no_cache and (not padded or _is_right_padded(valid))
         masks: dict[str, Tensor | None] = {}
         for kind in set(self.config.layer_types):
             kind_window = window if kind == "sliding_attention" else None

@@ -30,6 +30,12 @@ class Unpadded:
         """(B, T, ...) -> (N, ...)"""
         return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
 
+    def rows_of(self, flat: Tensor) -> Tensor:
+        """Flat (B*T) positions of real tokens -> their rows among the N real tokens."""
+        row_index = torch.full((self.batch * self.length,), -1, dtype=torch.long, device=flat.device)
+        row_index[self.index] = torch.arange(len(self.index), device=flat.device)
+        return row_index[flat]
+
     def scatter(self, x: Tensor) -> Tensor:
         """(N, ...) -> (B, T, ...), zeros at padding (which every attention mask excludes)."""
         padded = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
@@ -44,16 +50,15 @@ class Selection:
     o_proj and MLP are needed only where hidden states or logits are read (a label's few positions
     in training, each row's last prompt token in scoring), so it runs those on the selected tokens:
     ~1/L of the decoder's work removed. The selected queries are laid out on a (B, width) grid,
-    row by row, for one batched SDPA call with an explicit mask."""
+    row by row, for one batched SDPA call (the model builds its mask from `query_positions`)."""
 
     rows: Tensor  # (M,) each selected token's row among the layer's tokens (flat B*T, or unpadded N)
     grid: Tensor  # (M,) its slot in the flattened (B, width) query grid
     width: int
-    mask: Tensor  # (B, 1, width, S) the keys each grid query may attend to
+    query_positions: Tensor  # (B, width) position id of each grid query (0 at unused slots)
 
     @classmethod
-    def of(cls, outputs_at: Tensor, positions: Tensor, valid: Tensor, key_positions: Tensor, key_valid: Tensor,
-           window: int | None, unpadded: Unpadded | None) -> Selection:
+    def of(cls, outputs_at: Tensor, positions: Tensor, valid: Tensor, unpadded: Unpadded | None) -> Selection:
         batch, length = valid.shape
         if outputs_at.dtype == torch.bool:
             flat = outputs_at.reshape(-1).nonzero().squeeze(1)
@@ -61,27 +66,14 @@ class Selection:
             flat = outputs_at.reshape(-1).long()
         if not bool(valid.reshape(-1)[flat].all()):
             raise ValueError("outputs_at selects a padding position; only real tokens have outputs")
-        row_of = flat // length
         # slot = number of earlier selections in the same batch row (stable: keeps the caller's order)
         ordered, order = flat.sort(stable=True)
         counts = torch.bincount(ordered // length, minlength=batch)
         slot_sorted = torch.arange(len(flat), device=flat.device) - (counts.cumsum(0) - counts)[ordered // length]
         slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
         width = max(int(counts.max()), 1)
-        grid = row_of * width + slot
+        grid = (flat // length) * width + slot
         query_positions = torch.zeros(batch * width, dtype=positions.dtype, device=positions.device)
         query_positions[grid] = positions.reshape(-1)[flat]
-        query_used = torch.zeros(batch * width, dtype=torch.bool, device=valid.device)
-        query_used[grid] = True
-        q_pos, k_pos = query_positions.view(batch, width, 1), key_positions[:, None, :]
-        allowed = (k_pos <= q_pos) & key_valid[:, None, :] & query_used.view(batch, width, 1)
-        if window is not None:
-            allowed &= k_pos > q_pos - window
-        allowed[..., :1] |= ~allowed.any(-1, keepdim=True)  # unused slots see one key: no NaN, output dropped
-        if unpadded is not None:  # flat position -> row among the real tokens
-            row_index = torch.full((batch * length,), -1, dtype=torch.long, device=flat.device)
-            row_index[unpadded.index] = torch.arange(len(unpadded.index), device=flat.device)
-            rows = row_index[flat]
-        else:
-            rows = flat
-        return cls(rows, grid, width, allowed[:, None])
+        rows = unpadded.rows_of(flat) if unpadded is not None else flat
+        return cls(rows, grid, width, query_positions.view(batch, width))
