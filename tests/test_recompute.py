@@ -72,9 +72,11 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind):
     attention = "_scaled_dot_product_flash_attention_for_cpu"
     assert results["full"][1].get(attention, 0) == model.config.num_layers  # replayed once per block
     assert results["selective"][1].get(attention, 0) == 0  # kept
-    # the dropout draws are kept, never redrawn: backward draws nothing in any mode
+    # the dropout masks are kept, never redrawn: backward draws nothing in any mode
     for mode, (_, ops) in results.items():
         assert ops.get("randint", 0) == 0 and ops.get("bernoulli", 0) == 0, (mode, ops)
+        assert ops.get("dropout_keep_bits", 0) == 0, (mode, ops)
+    assert plain_ops.get("dropout_keep_bits", 0) == 0
 
 
 def test_dropout_mask_rate_values_and_replay():
