@@ -96,6 +96,20 @@ def test_dropout_mask_rate_values_and_replay():
     assert not torch.equal(mask[0], mask[1])
 
 
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_dropout_mask_odd_sizes_and_other_rates(p):
+    # 91 and 1e6 + 3 elements: neither a whole number of packed bytes nor of 64-bit draws
+    small = dropout_mask(torch.Size((7, 13)), p, torch.device("cpu"), torch.float32)
+    assert small.shape == (7, 13)
+    assert all(v == 0 or v == pytest.approx(1 / (1 - p)) for v in small.unique().tolist())
+    mask = dropout_mask(torch.Size((1_000_003,)), p, torch.device("cpu"), torch.float32)
+    dropped = (mask == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / 1e6) ** 0.5
+    # the last element is drawn too (not left at the unpacked padding)
+    tails = [dropout_mask(torch.Size((9,)), p, torch.device("cpu"), torch.float32)[-1].item() for _ in range(200)]
+    assert 0.0 in tails and any(t > 0 for t in tails)
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="checkpoint policy must be one of"):
         checkpoint_context("sometimes")
