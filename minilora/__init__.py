@@ -10,6 +10,8 @@ torch, so `train.py` can still choose the process's malloc before torch starts (
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 _EXPORTS_BY_MODULE = {
@@ -45,6 +47,20 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps a public function over the submodule of the same name (`evaluate`, `generate`): the import
+    system binds a submodule on its package when the submodule first loads, which would hide the
+    function once any code has imported, say, `minilora.generate`."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _MODULE_OF.get(name) == name:
+            return  # the submodule stays in sys.modules["minilora.<name>"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs

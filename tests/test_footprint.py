@@ -45,3 +45,25 @@ def test_a_model_built_on_cpu_still_draws_its_embeddings():
     assert weight.requires_grad
     weight = weight.detach()
     assert abs(float(weight.std()) - 1.0) < 0.05 and abs(float(weight.mean())) < 0.05
+
+
+def test_the_lazy_public_names_match_the_type_checking_imports_and_resolve():
+    """`minilora/__init__.py` lists its public names twice: the lazy-import table that runs, and a
+    TYPE_CHECKING block that only IDEs and type checkers read. They must name the same things, and
+    each must resolve to that object, whatever was imported before."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import minilora
+
+    tree = ast.parse(Path(minilora.__file__).read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    type_checking = {(node.module, alias.name) for node in block.body for alias in node.names}
+    lazy = {(module, name) for module, names in minilora._EXPORTS_BY_MODULE.items() for name in names}
+    assert type_checking == lazy
+    # every submodule loaded first: importing `minilora.generate` binds the submodule on the package,
+    # and the function `minilora.generate` must still win over it
+    modules = {module: importlib.import_module(f"minilora.{module}") for module, _ in lazy}
+    for module, name in sorted(lazy):
+        assert getattr(minilora, name) is getattr(modules[module], name), name
