@@ -50,12 +50,12 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Keeps a public function over the submodule of the same name (`evaluate`, `generate`): the import
-    system binds a submodule on its package when the submodule first loads, which would hide the
-    function once any code has imported, say, `minilora.generate`."""
+    """Keeps each public name over a submodule of the same name (`evaluate`, `generate`, `predict`):
+    the import system binds a submodule on its package when the submodule first loads, which would
+    hide the function once any code has imported, say, `minilora.generate`."""
 
     def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _MODULE_OF.get(name) == name:
+        if isinstance(value, types.ModuleType) and name in _MODULE_OF:
             return  # the submodule stays in sys.modules["minilora.<name>"]
         super().__setattr__(name, value)
 

@@ -53,6 +53,7 @@ def test_the_lazy_public_names_match_the_type_checking_imports_and_resolve():
     each must resolve to that object, whatever was imported before."""
     import ast
     import importlib
+    import pkgutil
     from pathlib import Path
 
     import minilora
@@ -62,8 +63,9 @@ def test_the_lazy_public_names_match_the_type_checking_imports_and_resolve():
     type_checking = {(node.module, alias.name) for node in block.body for alias in node.names}
     lazy = {(module, name) for module, names in minilora._EXPORTS_BY_MODULE.items() for name in names}
     assert type_checking == lazy
-    # every submodule loaded first: importing `minilora.generate` binds the submodule on the package,
-    # and the function `minilora.generate` must still win over it
-    modules = {module: importlib.import_module(f"minilora.{module}") for module, _ in lazy}
+    # every submodule loaded first: importing `minilora.generate` (or the CLI `minilora.predict`)
+    # binds the submodule on the package, and the public function of that name must still win
+    for submodule in pkgutil.iter_modules(minilora.__path__):
+        importlib.import_module(f"minilora.{submodule.name}")
     for module, name in sorted(lazy):
-        assert getattr(minilora, name) is getattr(modules[module], name), name
+        assert getattr(minilora, name) is getattr(importlib.import_module(f"minilora.{module}"), name), name
