@@ -40,6 +40,11 @@ def _dropout_keep_bits(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor
     return torch.from_numpy(np.packbits(draws >= threshold))
 
 
+@_dropout_keep_bits.register_fake
+def _(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:  # shapes only, for meta / fake tensors
+    return seed.new_empty(((numel + 7) // 8,), dtype=torch.uint8)
+
+
 # see dropout_mask
 _MASK_OPS = {torch.ops.aten.bernoulli.p, torch.ops.aten.randint.low, torch.ops.minilora.dropout_keep_bits.default}
 _MATMUL_OPS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}  # op -> index of the weight operand
