@@ -7,11 +7,11 @@ size instead, so resident memory stays near the live peak with no page faults (b
 "Round 5": SmolLM2 selective 2.3 -> 1.77 GB peak, a few % faster). PyTorch's own CPU launcher
 (`torch.backends.xeon.run_cpu`) preloads it for the same reason.
 
-A process cannot swap its allocator once it runs, so `train.py` and `eval.py` call
+A process cannot swap its allocator once it runs, so `train.py`, `eval.py` and `minilora.predict` call
 `reexec_with_preferred_malloc()` first: if tcmalloc is installed and not yet loaded, the script
 restarts itself (before torch is imported) with it in LD_PRELOAD. `MINILORA_MALLOC` chooses:
 "auto" (default: tcmalloc when found), "system" (never preload), or a path to a malloc library.
-Nothing here is imported by the library itself; it only concerns the two command-line entry points.
+Nothing here is imported by the library itself; it only concerns the command-line entry points.
 """
 
 from __future__ import annotations

@@ -13,16 +13,18 @@ import argparse
 import json
 import sys
 
-import torch
-
-from .adapter_io import load_adapter
-from .device import pick_device, pick_dtype
-from .finetune import build_model, make_formatter
-from .prompts import DEFAULT_LABELS
-from .scoring import label_logprobs
+from .allocator import reexec_with_preferred_malloc
 
 
 def main(argv=None) -> int:
+    import torch  # with the modules below, after the malloc choice under __main__
+
+    from .adapter_io import load_adapter
+    from .device import pick_device, pick_dtype
+    from .finetune import build_model, make_formatter
+    from .prompts import DEFAULT_LABELS
+    from .scoring import label_logprobs
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="*", help="sentences to classify (default: one per line on stdin)")
     parser.add_argument("--model", default="gemma-3-270m", help="base model the adapter was trained on")
@@ -54,4 +56,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_preferred_malloc()  # before torch loads: tcmalloc if installed (allocator.py)
     sys.exit(main())

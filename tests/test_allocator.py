@@ -90,6 +90,19 @@ def test_a_process_restarts_once_on_tcmalloc_or_stays_on_the_system_malloc():
     assert kept.stdout.strip() == "False" and "restarting" not in kept.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is a Linux feature")
+@pytest.mark.parametrize("command", [["train.py"], ["eval.py"], ["-m", "minilora.predict"]])
+def test_every_command_line_entry_point_restarts_on_tcmalloc(command):
+    library = find_tcmalloc()
+    if library is None:
+        pytest.skip("no tcmalloc installed here (bash .ci/fetch-tcmalloc puts one into the virtual environment)")
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    env[ENV_CHOICE] = str(library)
+    out = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("restarting on libtcmalloc") == 1 and "usage:" in out.stdout
+
+
 def test_a_mistyped_minilora_malloc_stops_the_script_with_a_clear_error(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     env[ENV_CHOICE] = str(tmp_path / "libnothere.so")
