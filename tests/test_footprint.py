@@ -59,7 +59,8 @@ def test_the_lazy_public_names_match_the_type_checking_imports_and_resolve():
     import minilora
 
     tree = ast.parse(Path(minilora.__file__).read_text())
-    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    block = next(node for node in tree.body
+                 if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
     type_checking = {(node.module, alias.name) for node in block.body for alias in node.names}
     lazy = {(module, name) for module, names in minilora._EXPORTS_BY_MODULE.items() for name in names}
     assert type_checking == lazy
