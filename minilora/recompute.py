@@ -45,8 +45,36 @@ def _(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:  # shapes only,
     return seed.new_empty(((numel + 7) // 8,), dtype=torch.uint8)
 
 
-# see dropout_mask
-_MASK_OPS = {torch.ops.aten.bernoulli.p, torch.ops.aten.randint.low, torch.ops.minilora.dropout_keep_bits.default}
+@torch.library.custom_op("minilora::dropout_keep_bits_on_device", mutates_args=())
+def _dropout_keep_bits_on_device(like: torch.Tensor, numel: int, p: float) -> torch.Tensor:
+    """The same packed mask drawn by the generator of `like`'s device (CUDA's is fast). Kept by
+    checkpointing like the CPU op: 1 bit per element instead of a float mask."""
+    return pack_bits(torch.rand(numel, device=like.device) >= p)
+
+
+@_dropout_keep_bits_on_device.register_fake
+def _(like: torch.Tensor, numel: int, p: float) -> torch.Tensor:
+    return like.new_empty(((numel + 7) // 8,), dtype=torch.uint8)
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """1-D bool -> uint8, 8 per byte, first flag in the high bit (numpy.packbits' order), any device."""
+    padded = torch.nn.functional.pad(flags.to(torch.uint8), (0, -flags.numel() % 8)).view(-1, 8)
+    return (padded << _bit_shifts(flags.device)).sum(-1, dtype=torch.uint8)  # the bits do not overlap
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `count` flags as uint8 0 / 1."""
+    return ((packed.unsqueeze(-1) >> _bit_shifts(packed.device)) & 1).view(-1)[:count]
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(7, -1, -1, dtype=torch.uint8, device=device)  # made there: no host-to-device copy
+
+
+# see dropout_mask; randint draws the CPU mask's seed
+_MASK_OPS = {torch.ops.aten.randint.low, torch.ops.minilora.dropout_keep_bits.default,
+             torch.ops.minilora.dropout_keep_bits_on_device.default}
 _MATMUL_OPS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}  # op -> index of the weight operand
 # fused attention kernels: their outputs (and softmax statistics) are what their backward needs
 _ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
@@ -83,12 +111,18 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch
 
     On CPU torch draws Bernoulli samples at ~150 M/s on one core, about a quarter of the matmul each
     mask feeds; numpy's SFC64 gives raw 32-bit draws ~5x faster. So one int64 seed is drawn from
-    torch (the run's seed, checkpoint replay and resume all still apply) and numpy expands it into
-    the packed mask that both checkpoint policies keep (1 bit per element).
-    Elsewhere torch's own generator is fast and used directly."""
-    if device.type == "cpu":
-        numel = math.prod(shape)
+    torch (the run's seed, checkpoint replay and resume all still apply) and numpy expands it.
+    Elsewhere the device's own generator is fast and used directly. Either way the mask is made
+    packed (1 bit per element), which is what both checkpoint policies keep for the replay."""
+    numel = math.prod(shape)
+    if _draws_on_host(device):
         bits = _dropout_keep_bits(torch.randint(0, 2**62, (1,)), numel, p)
-        keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel)).view(shape)
-        return keep.to(dtype).mul_(1.0 / (1.0 - p))
-    return torch.bernoulli(torch.empty(shape, dtype=dtype, device=device), 1.0 - p) * (1.0 / (1.0 - p))
+        keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel))
+    else:
+        bits = _dropout_keep_bits_on_device(torch.empty(0, device=device), numel, p)
+        keep = unpack_bits(bits, numel)
+    return keep.view(shape).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def _draws_on_host(device: torch.device) -> bool:
+    return device.type == "cpu"

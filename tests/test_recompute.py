@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import minilora.recompute
 from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
 from minilora.model import CausalLM
-from minilora.recompute import checkpoint_context, dropout_mask
+from minilora.recompute import checkpoint_context, dropout_mask, pack_bits, unpack_bits
 
 from .tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
 
@@ -52,8 +54,17 @@ def _step(model: CausalLM, mode: str, ids: torch.Tensor) -> tuple[dict[str, torc
     return grads, counter.counts
 
 
+@pytest.fixture(params=["host", "device"])
+def mask_draws(request, monkeypatch):
+    """Masks drawn as on CPU (numpy) or as on CUDA (the device generator, packed by torch ops); the
+    second runs here on CPU tensors, so its logic is tested without a GPU."""
+    if request.param == "device":
+        monkeypatch.setattr(minilora.recompute, "_draws_on_host", lambda device: False)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])
-def test_policies_give_the_gradients_of_no_checkpointing(kind):
+def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     model = _adapted(kind, dropout=0.3)
     ids = torch.randint(3, 150, (3, 20), generator=torch.Generator().manual_seed(1))
     reference, plain_ops = _step(model, "none", ids)
@@ -75,10 +86,10 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind):
     # the dropout masks are kept, never redrawn: backward draws nothing in any mode
     for mode, (_, ops) in results.items():
         assert ops.get("randint", 0) == 0 and ops.get("bernoulli", 0) == 0, (mode, ops)
-        assert ops.get("dropout_keep_bits", 0) == 0, (mode, ops)
+        assert ops.get("dropout_keep_bits", 0) == 0 and ops.get("dropout_keep_bits_on_device", 0) == 0, (mode, ops)
 
 
-def test_dropout_mask_rate_values_and_replay():
+def test_dropout_mask_rate_values_and_replay(mask_draws):
     torch.manual_seed(5)
     mask = dropout_mask(torch.Size((1000, 1000)), 0.05, torch.device("cpu"), torch.float32)
     values = mask.unique()
@@ -96,7 +107,7 @@ def test_dropout_mask_rate_values_and_replay():
 
 
 @pytest.mark.parametrize("p", [0.5, 0.9])
-def test_dropout_mask_odd_sizes_and_other_rates(p):
+def test_dropout_mask_odd_sizes_and_other_rates(p, mask_draws):
     # 91 and 1e6 + 3 elements: neither a whole number of packed bytes nor of 64-bit draws
     small = dropout_mask(torch.Size((7, 13)), p, torch.device("cpu"), torch.float32)
     assert small.shape == (7, 13)
@@ -109,10 +120,21 @@ def test_dropout_mask_odd_sizes_and_other_rates(p):
     assert 0.0 in tails and any(t > 0 for t in tails)
 
 
-def test_the_mask_op_is_a_well_formed_torch_op():
-    """Schema, fake-tensor shapes (meta / compile) and autograd registration of the custom op."""
-    results = torch.library.opcheck(torch.ops.minilora.dropout_keep_bits.default, (torch.tensor([5]), 91, 0.5))
+@pytest.mark.parametrize("op,first", [("dropout_keep_bits", torch.tensor([5])),
+                                      ("dropout_keep_bits_on_device", torch.empty(0))])
+def test_the_mask_ops_are_well_formed_torch_ops(op, first):
+    """Schema, fake-tensor shapes (meta / compile) and autograd registration of the custom ops."""
+    results = torch.library.opcheck(getattr(torch.ops.minilora, op).default, (first, 91, 0.5))
     assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("count", [1, 8, 91, 1000])
+def test_pack_bits_matches_numpy_and_round_trips(count):
+    flags = torch.rand(count, generator=torch.Generator().manual_seed(count)) < 0.5
+    packed = pack_bits(flags)
+    assert packed.dtype == torch.uint8
+    assert np.array_equal(packed.numpy(), np.packbits(flags.numpy()))
+    assert torch.equal(unpack_bits(packed, count), flags.to(torch.uint8))
 
 
 def test_unknown_policy_is_refused():
