@@ -389,8 +389,9 @@ class CausalLM(nn.Module):
             chosen = selection if index == last else None
             mask = selection_mask if chosen is not None else masks[kind]
             if checkpointing:
-                h, present = checkpoint(
-                    layer, h, cos, sin, mask, past, unpadded, chosen, use_reentrant=False, context_fn=context_fn
+                h, present = checkpoint(  # the RNG restore replays the same dropout masks ("full")
+                    layer, h, cos, sin, mask, past, unpadded, chosen,
+                    use_reentrant=False, context_fn=context_fn, preserve_rng_state=True,
                 )
             else:
                 h, present = layer(h, cos, sin, mask, past, unpadded, chosen)

@@ -1,17 +1,19 @@
 """What gradient checkpointing keeps from a block's forward pass, and what backward recomputes.
 
 Non-reentrant checkpointing re-runs a block's forward when backward first needs one of its
-activations. Two policies (PyTorch's selective activation checkpointing picks, op by op, which
-outputs are kept):
+activations. Two policies:
 
-* "full": keep nothing but the dropout masks, packed 8 per byte (see `dropout_mask`), so the
-  recomputed masks are the forward's masks whatever the RNG did in between, and cost no new draws.
-* "selective": also keep the outputs of the frozen projections (matmuls whose weight gets no
-  gradient) and of the fused attention kernel. Recomputing those is most of the recompute work;
-  what is left to recompute is norms, RoPE, activations and the rank-r adapter products. It costs
-  those outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden) floats per token per
-  layer, e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 60 KB for "full": the blocks' inputs
-  and 14 KB of packed masks).
+* "full": plain checkpointing, nothing kept but each block's input. The replay draws the dropout
+  masks again from the RNG state that checkpointing saved at the forward (`preserve_rng_state`),
+  so they are the forward's masks.
+* "selective": PyTorch's selective activation checkpointing, which picks op by op what is kept: the
+  outputs of the frozen projections (matmuls whose weight gets no gradient), of the fused attention
+  kernel and the dropout masks, packed 8 per byte (see `dropout_mask`). Recomputing those is most of
+  the recompute work; what is left to recompute is norms, RoPE, activations and the rank-r adapter
+  products. It costs those outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden)
+  floats per token per layer, e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
+  Its per-op dispatch costs ~0.3 s of a Gemma step, which is why "full" does not use it just to keep
+  the masks: drawing them again is cheaper (benchmarks/NOTES.md, round 6).
 
 The result is identical to no checkpointing in both cases (tests/test_recompute.py).
 """
@@ -23,7 +25,7 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
 
 CHECKPOINT_POLICIES = ("full", "selective")
 
@@ -33,8 +35,8 @@ def _dropout_keep_bits(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor
     """Which of `numel` elements inverted dropout keeps, packed 8 per byte (uint8): element i is kept
     when the i-th 32-bit draw of SFC64(seed) is >= p * 2^32.
 
-    An op of its own so that checkpointing can keep its small output: the replay then unpacks the
-    forward's mask instead of drawing it again."""
+    An op of its own so that selective checkpointing can keep its small output: the replay then
+    unpacks the forward's mask instead of drawing it again."""
     draws = np.random.SFC64(int(seed)).random_raw((numel + 1) // 2).view(np.uint32)[:numel]
     threshold = np.uint32(min(round(p * 2**32), 2**32 - 1))
     return torch.from_numpy(np.packbits(draws >= threshold))
@@ -48,7 +50,7 @@ def _(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:  # shapes only,
 @torch.library.custom_op("minilora::dropout_keep_bits_on_device", mutates_args=())
 def _dropout_keep_bits_on_device(like: torch.Tensor, numel: int, p: float) -> torch.Tensor:
     """The same packed mask drawn by the generator of `like`'s device (CUDA's is fast). Kept by
-    checkpointing like the CPU op: 1 bit per element instead of a float mask."""
+    selective checkpointing like the CPU op: 1 bit per element instead of a float mask."""
     return pack_bits(torch.rand(numel, device=like.device) >= p)
 
 
@@ -82,10 +84,6 @@ _ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
 
 
-def _keep_masks(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _MASK_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def _keep_masks_and_frozen_projections(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in _MASK_OPS or op in _ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
@@ -95,14 +93,13 @@ def _keep_masks_and_frozen_projections(ctx, op, *args, **kwargs) -> CheckpointPo
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_POLICIES = {"full": _keep_masks, "selective": _keep_masks_and_frozen_projections}
-
-
 def checkpoint_context(policy: str):
     """The `context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`."""
-    if policy not in _POLICIES:
+    if policy not in CHECKPOINT_POLICIES:
         raise ValueError(f"checkpoint policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
-    return functools.partial(create_selective_checkpoint_contexts, _POLICIES[policy])
+    if policy == "full":
+        return noop_context_fn
+    return functools.partial(create_selective_checkpoint_contexts, _keep_masks_and_frozen_projections)
 
 
 def dropout_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -113,7 +110,7 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch
     mask feeds; numpy's SFC64 gives raw 32-bit draws ~5x faster. So one int64 seed is drawn from
     torch (the run's seed, checkpoint replay and resume all still apply) and numpy expands it.
     Elsewhere the device's own generator is fast and used directly. Either way the mask is made
-    packed (1 bit per element), which is what both checkpoint policies keep for the replay."""
+    packed (1 bit per element), which is what the selective checkpoint policy keeps for the replay."""
     numel = math.prod(shape)
     if _draws_on_host(device):
         bits = _dropout_keep_bits(torch.randint(0, 2**62, (1,)), numel, p)

@@ -40,8 +40,9 @@ def _adapted(kind: str, dropout: float) -> CausalLM:
     return model.train()
 
 
-def _step(model: CausalLM, mode: str, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Gradients of the adapters after one forward / backward, and the aten ops run in backward."""
+def _step(model: CausalLM, mode: str, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """Gradients of the adapters after one forward / backward, the aten ops run in backward, and the
+    RNG's next draw after it (a replay must leave the run's random stream where it was)."""
     model.gradient_checkpointing = mode != "none"
     if mode != "none":
         model.checkpoint_policy = mode
@@ -51,7 +52,7 @@ def _step(model: CausalLM, mode: str, ids: torch.Tensor) -> tuple[dict[str, torc
     with OpCounter() as counter:
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return grads, counter.counts
+    return grads, counter.counts, int(torch.randint(0, 2**62, (1,)))
 
 
 @pytest.fixture(params=["host", "device"])
@@ -67,10 +68,11 @@ def mask_draws(request, monkeypatch):
 def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     model = _adapted(kind, dropout=0.3)
     ids = torch.randint(3, 150, (3, 20), generator=torch.Generator().manual_seed(1))
-    reference, plain_ops = _step(model, "none", ids)
+    reference, plain_ops, next_draw = _step(model, "none", ids)
     assert len(reference) == len(adapter_parameters(model))
     results = {mode: _step(model, mode, ids) for mode in ("full", "selective")}
-    for mode, (grads, _) in results.items():
+    for mode, (grads, _, after) in results.items():
+        assert after == next_draw, mode
         assert grads.keys() == reference.keys()
         for name, grad in grads.items():
             assert grad.abs().sum() > 0, name
@@ -83,10 +85,13 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     attention = "_scaled_dot_product_flash_attention_for_cpu"
     assert results["full"][1].get(attention, 0) == model.config.num_layers  # replayed once per block
     assert results["selective"][1].get(attention, 0) == 0  # kept
-    # the dropout masks are kept, never redrawn: backward draws nothing in any mode
-    for mode, (_, ops) in results.items():
-        assert ops.get("randint", 0) == 0 and ops.get("bernoulli", 0) == 0, (mode, ops)
-        assert ops.get("dropout_keep_bits", 0) == 0 and ops.get("dropout_keep_bits_on_device", 0) == 0, (mode, ops)
+    # selective keeps the packed masks: its backward draws nothing; full draws each mask again, from
+    # the restored RNG state (the gradients above show they are the forward's masks)
+    draw = "dropout_keep_bits" if mask_draws == "host" else "dropout_keep_bits_on_device"
+    n_masks = sum(1 for n, _ in model.named_modules() if n.endswith("lora_dropout"))
+    assert results["full"][1].get(draw, 0) == n_masks, results["full"][1]
+    selective_ops = results["selective"][1]
+    assert selective_ops.get(draw, 0) == 0 and selective_ops.get("randint", 0) == 0, selective_ops
 
 
 def test_dropout_mask_rate_values_and_replay(mask_draws):
