@@ -27,8 +27,9 @@ import gc
 import sys
 import time
 
-from common import (DEFAULT_DATA, MatmulProbe, environment, linear_shapes, load_splits, log, make_formatter_for,
-                    markdown_table, peak_rss_mb, reference_stack_missing, set_threads, write_json)
+from common import (DEFAULT_DATA, OUTPUT_ONLY_IN_LAST_LAYER, MatmulProbe, environment, linear_shapes, load_splits,
+                    log, make_formatter_for, markdown_table, peak_rss_mb, reference_stack_missing, set_threads,
+                    write_json)
 
 METHODS = ("score", "generate", "reference")
 
@@ -77,7 +78,7 @@ def score_flops(cfg, formatter, texts: list[str]) -> dict:
     prompts = [formatter.prompt_ids(t) for t in texts]
     prefix = shared_prompt_prefix(prompts)
     shapes = linear_shapes(cfg)
-    last_layer_outputs = 2 * sum(a * b for name, (a, b) in shapes.items() if name not in ("k_proj", "v_proj"))
+    last_layer_outputs = 2 * sum(a * b for name, (a, b) in shapes.items() if name in OUTPUT_ONLY_IN_LAST_LAYER)
     per_token = 2 * sum(a * b for a, b in shapes.values()) * cfg.num_layers - last_layer_outputs
     head = 2 * cfg.hidden_size * cfg.vocab_size
     labels = [formatter.label_ids[label] for label in formatter.labels]

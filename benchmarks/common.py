@@ -21,6 +21,8 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/bench_*.py` without i
     sys.path.insert(0, str(REPO))
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the last layer runs these only where outputs are read (`outputs_at`); k / v run at every token
+OUTPUT_ONLY_IN_LAST_LAYER = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # --------------------------------------------------------------------------------- process / system
@@ -156,8 +158,7 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
         attention += context_sum(length - 1 - supervised[row], length - 1, last) * attn_unit
     # last layer: q, o and the MLP (forward and backward, adapters included) at supervised positions only
     last_layer_only_selected = sum(4 * a * b + (6 * r * (a + b) if name in targets else 0)
-                                   for name, (a, b) in shapes.items()
-                                   if name in ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+                                   for name, (a, b) in shapes.items() if name in OUTPUT_ONLY_IN_LAST_LAYER)
     body = tokens * per_token - (tokens - sum(supervised)) * last_layer_only_selected
     head = sum(supervised) * 4 * cfg.hidden_size * cfg.vocab_size
     return {"total": body + attention + head, "linear_and_lora": body, "attention": attention, "lm_head": head,

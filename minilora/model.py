@@ -151,8 +151,7 @@ class Attention(nn.Module):
                 q = unpadded.scatter(q)
         batch = k.shape[0]
         if selection is not None:  # (M, heads, hd) -> (B, width, heads, hd)
-            q = q.new_zeros(batch * selection.width, *q.shape[1:]).index_copy(0, selection.grid, q)
-            q = q.view(batch, selection.width, *q.shape[1:])
+            q = selection.grid.scatter(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if past is not None:
             past_k, past_v = past
@@ -170,7 +169,7 @@ class Attention(nn.Module):
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         out = out.transpose(1, 2)  # (B, T, heads, hd)
         if selection is not None:
-            out = out.reshape(-1, self.num_heads, self.head_dim).index_select(0, selection.grid)
+            out = selection.grid.gather(out)  # (M, heads, hd)
             return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), present
         if unpadded is not None:
             out = unpadded.gather(out)

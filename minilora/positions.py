@@ -16,7 +16,8 @@ class Unpadded:
 
     Everything but attention works token by token, so the model runs embeddings, projections, norms
     and the MLP on the N real tokens only (a padded batch of short rows is a quarter padding or
-    more); attention scatters q / k / v back to (B, T) for one batched SDPA call."""
+    more); attention scatters q / k / v back to (B, T) for one batched SDPA call. The same layout
+    places a `Selection`'s queries on its (B, width) grid."""
 
     index: Tensor  # (N,) flat positions of the real tokens
     batch: int
@@ -53,8 +54,7 @@ class Selection:
     row by row, for one batched SDPA call (the model builds its mask from `query_positions`)."""
 
     rows: Tensor  # (M,) each selected token's row among the layer's tokens (flat B*T, or unpadded N)
-    grid: Tensor  # (M,) its slot in the flattened (B, width) query grid
-    width: int
+    grid: Unpadded  # where the M queries sit on the (B, width) query grid (unused slots as padding)
     query_positions: Tensor  # (B, width) position id of each grid query (0 at unused slots)
 
     @classmethod
@@ -72,8 +72,8 @@ class Selection:
         slot_sorted = torch.arange(len(flat), device=flat.device) - (counts.cumsum(0) - counts)[ordered // length]
         slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
         width = max(int(counts.max()), 1)
-        grid = (flat // length) * width + slot
+        grid = Unpadded((flat // length) * width + slot, batch, width)
         query_positions = torch.zeros(batch * width, dtype=positions.dtype, device=positions.device)
-        query_positions[grid] = positions.reshape(-1)[flat]
+        query_positions[grid.index] = positions.reshape(-1)[flat]
         rows = unpadded.rows_of(flat) if unpadded is not None else flat
-        return cls(rows, grid, width, query_positions.view(batch, width))
+        return cls(rows, grid, query_positions.view(batch, width))
