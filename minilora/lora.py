@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lora_op import lora_linear
 from .quant import NF4Linear
-from .recompute import dropout_mask
+from .recompute import dropout_keep_bits, dropout_mask
 
 # never adapted unless named explicitly: adapters on the LM head or embeddings do not load in vLLM /
 # llama.cpp (see docs/PITFALLS.md)
@@ -103,6 +104,10 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in) -> (..., out)
+        if self._runs_as_one_op():
+            keep_bits, p = self._dropout_keep_bits(x)
+            return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, keep_bits, p,
+                               self.scale)[0]
         result = self.base_layer(x)
         if self.merged or self.disabled:
             return result
@@ -112,6 +117,18 @@ class LoRALinear(nn.Module):
     def adapter_output(self, x: Tensor, base_result: Tensor) -> Tensor:
         """The term added to the base output; x is already fp32."""
         return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)  # scale the r-wide product
+
+    def _runs_as_one_op(self) -> bool:
+        """Plain LoRA on a dense, bias-free base runs as `lora_op.lora_linear` (same result, fewer
+        recomputed products under checkpointing); variants that change `adapter_output` never do."""
+        return (type(self).adapter_output is LoRALinear.adapter_output and not (self.merged or self.disabled)
+                and type(self.base_layer) is nn.Linear and self.base_layer.bias is None
+                and not self.base_layer.weight.requires_grad)
+
+    def _dropout_keep_bits(self, x: Tensor) -> tuple[Tensor | None, float]:
+        if not self.training or not isinstance(self.lora_dropout, FastDropout):
+            return None, 0.0
+        return dropout_keep_bits(x.shape, self.lora_dropout.p, x.device), self.lora_dropout.p
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         """The base weight with the update folded in (fp32 in, fp32 out)."""

@@ -8,7 +8,7 @@ activations. Two policies:
   so they are the forward's masks.
 * "selective": PyTorch's selective activation checkpointing, which picks op by op what is kept: the
   outputs of the frozen projections (matmuls whose weight gets no gradient), of the fused attention
-  kernel and the dropout masks, packed 8 per byte (see `dropout_mask`). Recomputing those is most of
+  kernel and the dropout masks, packed 8 per byte (see `dropout_keep_bits`). Recomputing those is most of
   the recompute work; what is left to recompute is norms, RoPE, activations and the rank-r adapter
   products. It costs those outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden)
   floats per token per layer, e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
@@ -74,7 +74,7 @@ def _bit_shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(7, -1, -1, dtype=torch.uint8, device=device)  # made there: no host-to-device copy
 
 
-# see dropout_mask; randint draws the CPU mask's seed
+# see dropout_keep_bits; randint draws the CPU mask's seed
 _MASK_OPS = {torch.ops.aten.randint.low, torch.ops.minilora.dropout_keep_bits.default,
              torch.ops.minilora.dropout_keep_bits_on_device.default}
 _MATMUL_OPS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}  # op -> index of the weight operand
@@ -84,8 +84,17 @@ _ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
 
 
+_KEPT_OPS: set = set()  # further ops whose outputs "selective" keeps, added with `keep_outputs_of`
+
+
+def keep_outputs_of(op) -> None:
+    """Have selective checkpointing keep `op`'s outputs, so its replay returns them without running
+    the op again (e.g. `lora_op.lora_linear`: the adapted projections)."""
+    _KEPT_OPS.add(op)
+
+
 def _keep_masks_and_frozen_projections(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _MASK_OPS or op in _ATTENTION_OPS:
+    if op in _MASK_OPS or op in _ATTENTION_OPS or op in _KEPT_OPS:
         return CheckpointPolicy.MUST_SAVE
     weight_index = _MATMUL_OPS.get(op)
     if weight_index is not None and not args[weight_index].requires_grad:
@@ -103,22 +112,31 @@ def checkpoint_context(policy: str):
 
 
 def dropout_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Inverted-dropout multiplier of `shape`: 1 / (1 - p) with probability 1 - p, else 0; a function
-    of the torch RNG state.
+    """Inverted-dropout multiplier of `shape`: 1 / (1 - p) where `dropout_keep_bits` keeps, else 0."""
+    return keep_flags(dropout_keep_bits(shape, p, device), shape).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def dropout_keep_bits(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Which elements of `shape` inverted dropout keeps (each with probability 1 - p), packed 1 bit per
+    element (uint8, numpy.packbits' order); a function of the torch RNG state.
 
     On CPU torch draws Bernoulli samples at ~150 M/s on one core, about a quarter of the matmul each
     mask feeds; numpy's SFC64 gives raw 32-bit draws ~5x faster. So one int64 seed is drawn from
     torch (the run's seed, checkpoint replay and resume all still apply) and numpy expands it.
-    Elsewhere the device's own generator is fast and used directly. Either way the mask is made
-    packed (1 bit per element), which is what the selective checkpoint policy keeps for the replay."""
+    Elsewhere the device's own generator is fast and used directly. The packed form is what the
+    selective checkpoint policy keeps for the replay."""
     numel = math.prod(shape)
     if _draws_on_host(device):
-        bits = _dropout_keep_bits(torch.randint(0, 2**62, (1,)), numel, p)
-        keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel))
-    else:
-        bits = _dropout_keep_bits_on_device(torch.empty(0, device=device), numel, p)
-        keep = unpack_bits(bits, numel)
-    return keep.view(shape).to(dtype).mul_(1.0 / (1.0 - p))
+        return _dropout_keep_bits(torch.randint(0, 2**62, (1,)), numel, p)
+    return _dropout_keep_bits_on_device(torch.empty(0, device=device), numel, p)
+
+
+def keep_flags(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`dropout_keep_bits`' output unpacked: uint8 0 / 1 of `shape`, on the bits' device."""
+    numel = math.prod(shape)
+    if bits.device.type == "cpu" and type(bits) is torch.Tensor:  # numpy is faster; traced tensors use torch ops
+        return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel)).view(shape)
+    return unpack_bits(bits, numel).view(shape)
 
 
 def _draws_on_host(device: torch.device) -> bool:

@@ -21,6 +21,7 @@ from minilora.lora import (
     trainable_summary,
     unmerge_adapters,
 )
+from minilora.recompute import pack_bits
 from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config
 
 FAMILIES = {"llama": lambda: tiny_llama_config(num_hidden_layers=2), "gemma": lambda: tiny_gemma_config()}
@@ -130,6 +131,7 @@ def test_all_linear_skips_lm_head_and_summary():
     "family,variant,rslora,dropout",
     [
         ("llama", "lora", False, 0.0),
+        ("llama", "lora", False, 0.1),
         ("gemma", "lora", True, 0.0),
         ("llama", "dora", False, 0.0),
         ("gemma", "dora", False, 0.1),
@@ -143,6 +145,8 @@ def test_parity_with_peft(family, variant, rslora, dropout, monkeypatch):
     # faster draw is tested in tests/test_recompute.py)
     monkeypatch.setattr(minilora.lora, "dropout_mask", lambda shape, p, device, dtype:
                         torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p) * (1 / (1 - p)))
+    monkeypatch.setattr(minilora.lora, "dropout_keep_bits", lambda shape, p, device:  # plain LoRA's op
+                        pack_bits(torch.empty(shape, device=device).bernoulli_(1 - p).bool().flatten()))
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, set_peft_model_state_dict
 

@@ -1,0 +1,110 @@
+"""A LoRA-wrapped linear layer as one op with a hand-written backward.
+
+    y = x @ W.T + scale * h @ B.T        h = (x * keep) @ A.T / (1 - p)
+
+W (out, in) is frozen, A (r, in) and B (out, r) are the adapter, keep is inverted dropout's 0 / 1
+flags (packed 1 bit per element, `recompute.dropout_keep_bits`; None without dropout). `LoRALinear`
+composes the same map from autograd ops: five graph nodes and a float mask, and under selective
+checkpointing (recompute.py) the replay runs the two rank-r products, the mask and the add again,
+because only the frozen matmul's output is kept. As one op:
+
+* selective checkpointing keeps its outputs, y and h (r floats per token), in place of the frozen
+  matmul's output: the replay recomputes nothing here;
+* the flags are multiplied in as uint8, and 1 / (1 - p) is applied to the r-wide products: no float
+  mask is made, kept or recomputed;
+* backward is the four products LoRA needs and no more; the first layer's q / k / v, whose input
+  (the frozen embeddings) wants no gradient, skip both input-gradient products:
+
+      dh = scale * dy @ B      dB = scale * dy.T @ h      dA = dh.T @ (x * keep) / (1 - p)
+      dx = dy @ W + (dh @ A / (1 - p)) * keep
+
+The result equals the composed form to float rounding (tests/test_lora_op.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from .recompute import keep_flags, keep_outputs_of
+
+
+@torch.library.custom_op("minilora::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, keep_bits: Optional[Tensor],
+                p: float, scale: float) -> tuple[Tensor, Tensor]:
+    """(y, h): the layer's output (..., out) in x's dtype, and h (..., r) in the adapter's dtype."""
+    base = torch.nn.functional.linear(x, weight)  # (..., out)
+    h = torch.mm(_adapter_input(x, lora_A.dtype, keep_bits, p), lora_A.t())  # (N, r)
+    if keep_bits is not None:
+        h.mul_(1.0 / (1.0 - p))
+    out_features = weight.shape[0]
+    if base.dtype == lora_B.dtype:
+        y = base.view(-1, out_features).addmm_(h, lora_B.t(), alpha=scale)
+    else:  # e.g. a bf16 base: add in the adapter's fp32, round once
+        y = base.view(-1, out_features).float().addmm_(h, lora_B.t(), alpha=scale).to(base.dtype)
+    return y.view(base.shape), h.view(*x.shape[:-1], lora_A.shape[0])
+
+
+def _adapter_input(x: Tensor, dtype: torch.dtype, keep_bits: Tensor | None, p: float) -> Tensor:
+    """x * keep as (N, in) in the adapter's dtype (the 1 / (1 - p) is applied by the caller)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if keep_bits is None:
+        return x2.to(dtype)
+    return x2.to(dtype) * keep_flags(keep_bits, x2.shape)  # uint8 flags: promoted in the one pass
+
+
+@lora_linear.register_fake
+def _(x, weight, lora_A, lora_B, keep_bits, p, scale):
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=lora_A.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, keep_bits, p, scale = inputs
+    ctx.p, ctx.scale = p, scale
+    ctx.save_for_backward(x, weight, lora_A, lora_B, keep_bits, output[1])
+    ctx.mark_non_differentiable(output[1])  # h is an output only so that checkpointing can keep it
+
+
+def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
+    x, weight, lora_A, lora_B, keep_bits, h = ctx.saved_tensors
+    need_x, _, need_A, need_B = ctx.needs_input_grad[:4]
+    inverse_keep = 1.0 / (1.0 - ctx.p) if keep_bits is not None else 1.0
+    dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+    dy_adapter = dy.to(lora_B.dtype)
+    grad_x = grad_A = grad_B = None
+    if need_B:
+        grad_B = (dy_adapter.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scale)  # (out, r)
+    if need_A or need_x:
+        dh = (dy_adapter @ lora_B).mul_(ctx.scale)  # (N, r)
+        if need_A:
+            grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, keep_bits, ctx.p)).mul_(inverse_keep)  # (r, in)
+        if need_x:
+            grad_adapter_in = dh.mul_(inverse_keep) @ lora_A  # (N, in)
+            if keep_bits is not None:
+                grad_adapter_in.mul_(keep_flags(keep_bits, grad_adapter_in.shape))
+            grad_x = dy.to(weight.dtype) @ weight
+            if grad_x.dtype == grad_adapter_in.dtype:
+                grad_x.add_(grad_adapter_in)
+            else:
+                grad_x = grad_x.float().add_(grad_adapter_in)
+            grad_x = grad_x.to(x.dtype).view(x.shape)
+    return grad_x, None, grad_A, grad_B, None, None, None
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)
+keep_outputs_of(torch.ops.minilora.lora_linear.default)
+
+
+@register_flop_formula(torch.ops.minilora.lora_linear)
+def _lora_linear_flops(x_shape, weight_shape, a_shape, *args, **kwargs) -> int:
+    """The forward's three products, for torch's FLOP counter (backward runs counted aten matmuls)."""
+    tokens = 1
+    for size in x_shape[:-1]:
+        tokens *= size
+    out_features, in_features = weight_shape
+    r = a_shape[0]
+    return 2 * tokens * (in_features * out_features + r * in_features + r * out_features)
