@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .head_loss import head_cross_entropy
 from .model import CausalLM
 from .prompts import IGNORE_INDEX, Batch
 
@@ -50,15 +50,15 @@ def completion_loss(model: CausalLM, batch: Batch, share_prefix: int = 0) -> Los
         prefix_ids = batch.input_ids[:1, :share_prefix]
         no_outputs = torch.zeros(0, dtype=torch.long, device=prefix_ids.device)
         prefix = model(prefix_ids, use_cache=True, logits_at="none", recompute=False, outputs_at=no_outputs).cache
-        logits = model(
+        hidden = model(
             batch.input_ids[:, share_prefix:], attention_mask=batch.attention_mask[:, share_prefix:],
-            cache=prefix, logits_at=select[:, share_prefix:],
-        ).logits
+            cache=prefix, outputs_at=select[:, share_prefix:], logits_at="none",
+        ).hidden
     else:
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask, logits_at=select).logits
-    nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,) in fp32
+        hidden = model(batch.input_ids, attention_mask=batch.attention_mask, outputs_at=select, logits_at="none").hidden
+    nll, predicted = head_cross_entropy(model, hidden, targets)  # (N,) in fp32; the head reads only these rows
     # first answer token of each row: the label decision, used for a cheap training accuracy
     first = select & (select.cumsum(dim=1) == 1)
     first_in_selection = first[select]
-    correct_first = logits[first_in_selection].argmax(-1) == targets[first_in_selection]
+    correct_first = predicted[first_in_selection] == targets[first_in_selection]
     return LossTerms((nll * token_weights).sum(), token_weights.sum(), int(targets.numel()), correct_first)

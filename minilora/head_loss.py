@@ -1,0 +1,75 @@
+"""The LM head and cross-entropy at the supervised positions, one vocabulary chunk at a time.
+
+At a few rows the head is memory-bound: Gemma 3's 262k x 640 weight is 671 MB in fp32, read once for
+the logits and once more for their gradient, with a (N, V) logits tensor in between. Here one pass over
+the weight does both. For each chunk of the vocabulary, while that slice of the weight is in cache:
+
+    logits_c = h @ W_c.T                               (N, C), in fp32
+    m, s     running max and sum of exp(logit - m)     (online softmax, Milakov & Gimelshein 2018)
+    acc      running sum of exp(logit - m) @ W_c        (N, H)
+
+so that at the end, with lse = m + log(s):
+
+    nll    = lse - h . W[target]
+    d nll / d h = softmax @ W - W[target] = acc / s - W[target]
+
+The gradient is computed in the forward (it is needed only as a multiple of it) and backward scales it.
+No (N, V) tensor is made. Same loss and gradient as `F.cross_entropy(model.project(h), targets)` to
+fp32 rounding (tests/test_head_loss.py); the composed form is used where this does not apply: a
+trained head weight or a soft-capped head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import CausalLM
+
+VOCAB_CHUNK = 2048  # rows of the head weight per step: 5 MB in fp32 at H = 640, cache-resident on CPUs
+
+
+def head_cross_entropy(model: CausalLM, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(nll (N,) in fp32, greedy prediction (N,)) of the LM head at final hidden states (N, H)."""
+    weight = model.lm_head.weight
+    if weight.requires_grad or model.config.final_logit_softcap is not None or hidden.shape[0] == 0:
+        logits = model.project(hidden).float()
+        return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
+    return _ChunkedHeadCrossEntropy.apply(hidden, weight, targets, VOCAB_CHUNK)
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+        rows = hidden.shape[0]
+        running_max = torch.full((rows,), -torch.inf, device=hidden.device)
+        exp_sum = torch.zeros(rows, device=hidden.device)
+        weighted = torch.zeros(rows, weight.shape[1], device=hidden.device)  # (N, H) fp32
+        predicted = torch.zeros(rows, dtype=torch.long, device=hidden.device)
+        for start in range(0, weight.shape[0], chunk):
+            piece = weight[start : start + chunk]  # (C, H)
+            logits = (hidden @ piece.t()).float()  # (N, C)
+            chunk_max, chunk_argmax = logits.max(dim=1)
+            better = chunk_max > running_max  # ties keep the earlier index, as argmax does
+            predicted = torch.where(better, chunk_argmax + start, predicted)
+            new_max = torch.maximum(running_max, chunk_max)
+            rescale = torch.exp(running_max - new_max)  # (N,); 0 on the first chunk
+            probs = torch.exp(logits.sub_(new_max[:, None]))  # unnormalised, (N, C)
+            exp_sum = exp_sum * rescale + probs.sum(dim=1)
+            if piece.dtype == weighted.dtype:  # out of place: (N, H) is small, and FLOP counters see addmm
+                weighted = torch.addmm(weighted.mul_(rescale[:, None]), probs, piece)
+            else:  # a bf16 head: product in its dtype, sums in fp32
+                weighted = weighted * rescale[:, None] + (probs.to(piece.dtype) @ piece).float()
+            running_max = new_max
+        target_rows = weight[targets].float()  # (N, H)
+        nll = running_max + exp_sum.log() - (hidden.float() * target_rows).sum(dim=1)
+        ctx.save_for_backward(weighted.div_(exp_sum[:, None]).sub_(target_rows))  # d nll / d hidden
+        ctx.hidden_dtype = hidden.dtype
+        ctx.mark_non_differentiable(predicted)
+        return nll, predicted
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor, _grad_predicted: Tensor):
+        (grad_rows,) = ctx.saved_tensors
+        return (grad_nll[:, None] * grad_rows).to(ctx.hidden_dtype), None, None, None
