@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
+from .norm_op import rms_norm_op
 from .positions import Selection, Unpadded
 from .recompute import checkpoint_context
 
@@ -30,12 +31,9 @@ from .recompute import checkpoint_context
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
-    """RMSNorm in fp32. Gemma: x_hat * (1 + w), multiplied before the cast back; Llama: w * cast(x_hat)."""
-    x_float = x.float()
-    x_hat = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)
-    if unit_offset:
-        return (x_hat * (1.0 + weight.float())).to(x.dtype)
-    return weight * x_hat.to(x.dtype)
+    """RMSNorm in fp32. Gemma: x_hat * (1 + w), multiplied before the cast back; Llama: w * cast(x_hat).
+    One op with its own backward (norm_op.py)."""
+    return rms_norm_op(x, weight, eps, unit_offset)[0]
 
 
 class RMSNorm(nn.Module):

@@ -7,11 +7,12 @@ activations. Two policies:
   masks again from the RNG state that checkpointing saved at the forward (`preserve_rng_state`),
   so they are the forward's masks.
 * "selective": PyTorch's selective activation checkpointing, which picks op by op what is kept: the
-  outputs of the frozen projections (matmuls whose weight gets no gradient), of the fused attention
-  kernel and the dropout masks, packed 8 per byte (see `dropout_keep_bits`). Recomputing those is most of
-  the recompute work; what is left to recompute is norms, RoPE, activations and the rank-r adapter
-  products. It costs those outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden)
-  floats per token per layer, e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
+  outputs of the adapted projections (`lora_op.lora_linear`: the output and the rank-r product), of
+  other frozen projections (matmuls whose weight gets no gradient), of the fused attention kernel
+  and the dropout masks, packed 8 per byte (see `dropout_keep_bits`). Recomputing those is most of
+  the recompute work; what is left to recompute is norms, RoPE and activations. It costs those
+  outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden) floats per token per layer,
+  e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
   Its per-op dispatch costs ~0.3 s of a Gemma step, which is why "full" does not use it just to keep
   the masks: drawing them again is cheaper (benchmarks/NOTES.md, round 6).
 
