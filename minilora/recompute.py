@@ -33,14 +33,42 @@ CHECKPOINT_POLICIES = ("full", "selective")
 
 @torch.library.custom_op("minilora::dropout_keep_bits", mutates_args=(), device_types="cpu")
 def _dropout_keep_bits(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:
-    """Which of `numel` elements inverted dropout keeps, packed 8 per byte (uint8): element i is kept
-    when the i-th 32-bit draw of SFC64(seed) is >= p * 2^32.
+    """Which of `numel` elements inverted dropout keeps (each independently with probability 1 - p),
+    packed 8 per byte (uint8), drawn from SFC64(seed).
 
     An op of its own so that selective checkpointing can keep its small output: the replay then
     unpacks the forward's mask instead of drawing it again."""
-    draws = np.random.SFC64(int(seed)).random_raw((numel + 1) // 2).view(np.uint32)[:numel]
-    threshold = np.uint32(min(round(p * 2**32), 2**32 - 1))
-    return torch.from_numpy(np.packbits(draws >= threshold))
+    if p <= SPARSE_DROP_RATE:
+        keep = _keep_flags_from_gaps(np.random.Generator(np.random.SFC64(int(seed))), numel, p)
+    else:  # element i is kept when the i-th 32-bit draw is >= p * 2^32
+        draws = np.random.SFC64(int(seed)).random_raw((numel + 1) // 2).view(np.uint32)[:numel]
+        keep = draws >= np.uint32(min(round(p * 2**32), 2**32 - 1))
+    return torch.from_numpy(np.packbits(keep))
+
+
+# Up to this rate the dropped elements are drawn directly (one draw per dropped element, 2x faster at
+# p = 0.05 than one 32-bit draw per element); above it, one draw per element is cheaper.
+SPARSE_DROP_RATE = 0.25
+
+
+def _keep_flags_from_gaps(rng: np.random.Generator, numel: int, p: float, batch: int | None = None) -> np.ndarray:
+    """Bernoulli keep flags via the gaps between dropped elements: with E standard exponential,
+    floor(E / -log(1 - p)) + 1 is geometric (P(gap > k) = (1 - p)^k), so the cumulative sums of such
+    gaps, minus one, are the dropped positions of i.i.d. Bernoulli(p) drops."""
+    rate = -np.log1p(-p)
+    expected = numel * p
+    if batch is None:  # gaps drawn per round; one round nearly always covers numel
+        batch = int(expected + 8 * expected**0.5) + 64
+    dropped = np.empty(0, dtype=np.int64)
+    end = -1  # the last dropped position so far
+    while end < numel:
+        gaps = np.floor(rng.standard_exponential(batch) / rate).astype(np.int64) + 1
+        positions = end + np.cumsum(gaps)
+        dropped = np.concatenate((dropped, positions))
+        end = int(positions[-1])
+    keep = np.ones(numel, dtype=bool)
+    keep[dropped[: np.searchsorted(dropped, numel)]] = False
+    return keep
 
 
 @_dropout_keep_bits.register_fake
@@ -122,8 +150,9 @@ def dropout_keep_bits(shape: torch.Size, p: float, device: torch.device) -> torc
     element (uint8, numpy.packbits' order); a function of the torch RNG state.
 
     On CPU torch draws Bernoulli samples at ~150 M/s on one core, about a quarter of the matmul each
-    mask feeds; numpy's SFC64 gives raw 32-bit draws ~5x faster. So one int64 seed is drawn from
-    torch (the run's seed, checkpoint replay and resume all still apply) and numpy expands it.
+    mask feeds; numpy's SFC64 is ~5x faster per 32-bit draw, and at low rates only the dropped
+    elements need a draw (`_keep_flags_from_gaps`). So one int64 seed is drawn from torch (the run's
+    seed, checkpoint replay and resume all still apply) and numpy expands it.
     Elsewhere the device's own generator is fast and used directly. The packed form is what the
     selective checkpoint policy keeps for the replay."""
     numel = math.prod(shape)

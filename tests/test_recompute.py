@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minilora.recompute
 from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
 from minilora.model import CausalLM
-from minilora.recompute import checkpoint_context, dropout_mask, pack_bits, unpack_bits
+from minilora.recompute import _keep_flags_from_gaps, checkpoint_context, dropout_mask, pack_bits, unpack_bits
 
 from .tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
 
@@ -113,7 +113,21 @@ def test_dropout_mask_rate_values_and_replay(mask_draws):
     assert not torch.equal(mask[0], mask[1])
 
 
-@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_sparse_drop_draws_are_bernoulli_and_do_not_depend_on_the_round_size():
+    """Low rates draw the gaps between dropped elements (recompute._keep_flags_from_gaps)."""
+    flags = _keep_flags_from_gaps(np.random.Generator(np.random.SFC64(7)), 2_000_003, 0.05)
+    dropped = np.flatnonzero(~flags)
+    assert abs(dropped.size / flags.size - 0.05) < 5 * (0.05 * 0.95 / flags.size) ** 0.5
+    gaps = np.diff(dropped)  # geometric: P(gap = 1) = p, mean 1 / p
+    assert abs((gaps == 1).mean() - 0.05) < 0.005 and abs(gaps.mean() - 20) < 0.5
+    # independent neighbours: a dropped element's successor is dropped at the base rate
+    assert abs((~flags[dropped[dropped < flags.size - 1] + 1]).mean() - 0.05) < 0.005
+    # rounds of 3 gaps draw the same exponential stream as one round: the same flags
+    small_rounds = _keep_flags_from_gaps(np.random.Generator(np.random.SFC64(7)), 2_000_003, 0.05, batch=3)
+    assert np.array_equal(flags, small_rounds)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.9])  # both sides of SPARSE_DROP_RATE
 def test_dropout_mask_odd_sizes_and_other_rates(p, mask_draws):
     # 91 and 1e6 + 3 elements: neither a whole number of packed bytes nor of 64-bit draws
     small = dropout_mask(torch.Size((7, 13)), p, torch.device("cpu"), torch.float32)
