@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
-from .gelu_op import gelu_tanh
 from .norm_op import rms_norm_op
 from .positions import Selection, Unpadded
 from .recompute import checkpoint_context
@@ -197,7 +196,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate_proj(x)
-        gate = gelu_tanh(gate) if self.gelu else F.silu(gate)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(gate * self.up_proj(x))
 
 
