@@ -6,7 +6,8 @@
 
 Composed from autograd ops, a norm is about eight ops forward and as many backward, each a pass over
 the activation with its own graph node, and under checkpointing each forward op is dispatched again
-in the replay. Gemma 3 runs six norms per layer. As one op the forward is three passes, and backward,
+in the replay. Gemma 3 runs six norms per layer. As one op the forward is four passes, in the
+reference implementations' order (so its outputs are bit-identical to theirs), and backward,
 from x and the (N, 1) r it keeps, is
 
     g' = g * (1 + w)  (or g * w)
@@ -33,8 +34,8 @@ def rms_norm_op(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> tup
 
 
 def _inverse_rms(x_float: Tensor, eps: float) -> Tensor:
-    mean_square = torch.linalg.vector_norm(x_float, dim=-1, keepdim=True).square_().div_(x_float.shape[-1])
-    return mean_square.add_(eps).rsqrt_()  # (..., 1)
+    # the reference implementations' own op order (pow, mean, add, rsqrt): bit-identical outputs
+    return torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
 
 
 @rms_norm_op.register_fake
