@@ -13,8 +13,8 @@ activations. Two policies:
   the recompute work; what is left to recompute is norms, RoPE and activations. It costs those
   outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden) floats per token per layer,
   e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
-  Its per-op dispatch costs ~0.3 s of a Gemma step, which is why "full" does not use it just to keep
-  the masks: drawing them again is cheaper (benchmarks/NOTES.md, round 6).
+  Its per-op dispatch costs more than drawing the masks again, which is why "full" does not use it
+  just to keep them (benchmarks/NOTES.md, round 6).
 
 The result is identical to no checkpointing in both cases (tests/test_recompute.py).
 """
