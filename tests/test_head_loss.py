@@ -15,7 +15,7 @@ from minilora.lora import LoraConfig, inject_adapters
 from minilora.loss import completion_loss
 from minilora.prompts import IGNORE_INDEX, Batch
 
-from .tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
+from .tiny import hf_model, nonzero_lora_B_, tiny_gemma_config, tiny_llama_config, twin
 
 
 def _composed(hidden, weight, targets):
@@ -92,10 +92,7 @@ def test_completion_loss_is_as_close_to_float64_as_the_composed_head(kind, monke
     model = twin(hf_model(tiny_llama_config() if kind == "llama" else tiny_gemma_config()))
     torch.manual_seed(0)
     inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    nonzero_lora_B_(model)
     model.train()
     batch = _batch(model.config.vocab_size)
     chunked, chunked_grads = _loss_and_grads(model, batch)

@@ -7,7 +7,7 @@ from torch import nn
 
 from minilora.lora import LoraConfig, adapter_parameters, adapter_state_dict, inject_adapters, merge_adapters
 from minilora.quant import NF4Linear, dequantize_nf4, quantize_module_nf4, quantize_nf4
-from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config
+from tests.tiny import hf_model, nonzero_lora_B_, tiny_gemma_config, tiny_llama_config
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 17], [3, 4, 99, 12, 127, 8, 0, 64]])  # (B, T)
 
@@ -116,10 +116,7 @@ def _qlora_minilora_model():
     quantize_nf4(model)
     torch.manual_seed(0)
     inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    nonzero_lora_B_(model)
     return model.train()
 
 

@@ -12,7 +12,7 @@ from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
 from minilora.model import CausalLM
 from minilora.recompute import _keep_flags_from_gaps, checkpoint_context, dropout_mask, pack_bits, unpack_bits
 
-from .tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
+from .tiny import hf_model, nonzero_lora_B_, tiny_gemma_config, tiny_llama_config, twin
 
 
 class OpCounter(TorchDispatchMode):
@@ -33,10 +33,7 @@ def _adapted(kind: str, dropout: float) -> CausalLM:
     model = twin(hf)
     torch.manual_seed(0)
     inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
-    with torch.no_grad():  # non-zero B so the adapters shape the loss and every gradient
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    nonzero_lora_B_(model)  # so the adapters shape the loss and every gradient
     return model.train()
 
 

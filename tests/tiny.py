@@ -41,6 +41,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
+def nonzero_lora_B_(model: torch.nn.Module, std: float = 0.05) -> None:
+    """Every lora_B drawn from N(0, std) with torch's global RNG: a fresh adapter's zero B would leave
+    the loss, and so the gradients of A, untouched."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+
+
 def hf_model(hf_config, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
