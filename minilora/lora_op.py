@@ -23,6 +23,7 @@ The result equals the composed form to float rounding (tests/test_lora_op.py).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -37,7 +38,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, keep_
                 p: float, scale: float) -> tuple[Tensor, Tensor]:
     """(y, h): the layer's output (..., out) in x's dtype, and h (..., r) in the adapter's dtype."""
     base = torch.nn.functional.linear(x, weight)  # (..., out)
-    h = torch.mm(_adapter_input(x, lora_A.dtype, keep_bits, p), lora_A.t())  # (N, r)
+    keep = keep_flags(keep_bits, (math.prod(x.shape[:-1]), x.shape[-1])) if keep_bits is not None else None
+    h = torch.mm(_adapter_input(x, lora_A.dtype, keep), lora_A.t())  # (N, r)
     if keep_bits is not None:
         h.mul_(1.0 / (1.0 - p))
     out_features = weight.shape[0]
@@ -48,12 +50,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, keep_
     return y.view(base.shape), h.view(*x.shape[:-1], lora_A.shape[0])
 
 
-def _adapter_input(x: Tensor, dtype: torch.dtype, keep_bits: Tensor | None, p: float) -> Tensor:
+def _adapter_input(x: Tensor, dtype: torch.dtype, keep: Tensor | None) -> Tensor:
     """x * keep as (N, in) in the adapter's dtype (the 1 / (1 - p) is applied by the caller)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if keep_bits is None:
-        return x2.to(dtype)
-    return x2.to(dtype) * keep_flags(keep_bits, x2.shape)  # uint8 flags: promoted in the one pass
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    return x2 if keep is None else x2 * keep  # uint8 flags (N, in): promoted in the one pass
 
 
 @lora_linear.register_fake
@@ -74,6 +74,7 @@ def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
     need_x, _, need_A, need_B = ctx.needs_input_grad[:4]
     inverse_keep = 1.0 / (1.0 - ctx.p) if keep_bits is not None else 1.0
     dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+    keep = keep_flags(keep_bits, (dy.shape[0], x.shape[-1])) if keep_bits is not None else None  # unpacked once
     dy_adapter = dy.to(lora_B.dtype)
     grad_x = grad_A = grad_B = None
     if need_B:
@@ -81,11 +82,11 @@ def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
     if need_A or need_x:
         dh = (dy_adapter @ lora_B).mul_(ctx.scale)  # (N, r)
         if need_A:
-            grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, keep_bits, ctx.p)).mul_(inverse_keep)  # (r, in)
+            grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, keep)).mul_(inverse_keep)  # (r, in)
         if need_x:
             grad_adapter_in = dh.mul_(inverse_keep) @ lora_A  # (N, in)
-            if keep_bits is not None:
-                grad_adapter_in.mul_(keep_flags(keep_bits, grad_adapter_in.shape))
+            if keep is not None:
+                grad_adapter_in.mul_(keep)
             grad_x = dy.to(weight.dtype) @ weight
             if grad_x.dtype == grad_adapter_in.dtype:
                 grad_x.add_(grad_adapter_in)
@@ -102,9 +103,6 @@ keep_outputs_of(torch.ops.minilora.lora_linear.default)
 @register_flop_formula(torch.ops.minilora.lora_linear)
 def _lora_linear_flops(x_shape, weight_shape, a_shape, *args, **kwargs) -> int:
     """The forward's three products, for torch's FLOP counter (backward runs counted aten matmuls)."""
-    tokens = 1
-    for size in x_shape[:-1]:
-        tokens *= size
     out_features, in_features = weight_shape
     r = a_shape[0]
-    return 2 * tokens * (in_features * out_features + r * in_features + r * out_features)
+    return 2 * math.prod(x_shape[:-1]) * (in_features * out_features + r * in_features + r * out_features)

@@ -161,7 +161,7 @@ def dropout_keep_bits(shape: torch.Size, p: float, device: torch.device) -> torc
     return _dropout_keep_bits_on_device(torch.empty(0, device=device), numel, p)
 
 
-def keep_flags(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def keep_flags(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """`dropout_keep_bits`' output unpacked: uint8 0 / 1 of `shape`, on the bits' device."""
     numel = math.prod(shape)
     if bits.device.type == "cpu" and type(bits) is torch.Tensor:  # numpy is faster; traced tensors use torch ops
