@@ -17,12 +17,14 @@ from minilora.lora import (
     adapter_state_dict,
     disable_adapters,
     inject_adapters,
+    lora_modules,
     merge_adapters,
+    merged_for_inference,
     trainable_summary,
     unmerge_adapters,
 )
 from minilora.recompute import pack_bits
-from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config
+from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
 
 FAMILIES = {"llama": lambda: tiny_llama_config(num_hidden_layers=2), "gemma": lambda: tiny_gemma_config()}
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 17], [3, 4, 99, 12, 127, 8, 0, 64]])  # (B, T)
@@ -111,6 +113,43 @@ def test_disable_adapters():
     with pytest.raises(RuntimeError, match="unmerge_adapters"):
         with disable_adapters(model):
             pass
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_merged_for_inference_matches_and_puts_the_original_weights_back(variant):
+    model = twin(hf_model(tiny_gemma_config()))  # minilora's model: unmerged LoRA runs as lora_linear
+    inject_adapters(model, LoraConfig(r=4, alpha=8, variant=variant))
+    randomize_adapters_(model)
+    adapted = logits(model)
+    originals = {name: m.base_layer.weight for name, m in lora_modules(model)}
+    bits = {name: w.detach().clone() for name, w in originals.items()}
+    with torch.no_grad(), merged_for_inference(model):
+        for name, module in lora_modules(model):
+            assert module.merged and module.base_layer.weight is not originals[name]
+            assert not module.base_layer.weight.requires_grad
+        torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=0)
+    for name, module in lora_modules(model):
+        assert not module.merged and module.base_layer.weight is originals[name], f"{name} not restored"
+        assert torch.equal(module.base_layer.weight, bits[name]), f"{name} changed"
+    assert torch.equal(logits(model), adapted)
+
+
+def test_merged_for_inference_leaves_what_it_cannot_merge_exactly_and_restores_on_error():
+    model = twin(hf_model(tiny_llama_config(num_hidden_layers=2)))
+    inject_adapters(model, LoraConfig(r=4))
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.base_layer.weight.data = attn.q_proj.base_layer.weight.data.bfloat16()  # update would round
+    attn.k_proj.disabled = True  # e.g. a baseline run
+    attn.v_proj.base_layer.weight.requires_grad_(True)  # a trained base weight
+    kept = {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"}
+    originals = {name: m.base_layer.weight for name, m in lora_modules(model)}
+    with pytest.raises(KeyError, match="inside"):
+        with merged_for_inference(model):
+            assert {name for name, m in lora_modules(model) if not m.merged} == kept
+            assert all(m.base_layer.weight is originals[name] for name, m in lora_modules(model) if name in kept)
+            raise KeyError("inside")
+    assert not any(m.merged for _, m in lora_modules(model))
+    assert all(m.base_layer.weight is originals[name] for name, m in lora_modules(model))
 
 
 def test_all_linear_skips_lm_head_and_summary():

@@ -1,14 +1,19 @@
-"""Label scoring against naive full-logits log-probs, and generation with vs without the KV cache."""
+"""Label scoring against naive full-logits log-probs, generation with vs without the KV cache, and
+predictions with merged vs unmerged adapters."""
+
+import copy
 
 import pytest
 import torch
 
 from minilora.checkpoint import load_model
+from minilora.evaluate import predict
 from minilora.generate import generate, parse_label
+from minilora.lora import LoraConfig, inject_adapters, lora_modules
 from minilora.prompts import PromptFormatter
 from minilora.scoring import label_logprobs
 from minilora.tokenizer import Tokenizer
-from tests.tiny import hf_model, save_tiny_checkpoint, tiny_gemma_config, tiny_llama_config
+from tests.tiny import hf_model, nonzero_lora_B_, save_tiny_checkpoint, tiny_gemma_config, tiny_llama_config
 
 TEXTS = ["w1 w2 w3 .", "w4 w5", "w6 w7 w8 w9 w10 w11 w12", "w13", "w14 w15 w16"]
 
@@ -46,6 +51,26 @@ def test_scores_equal_naive_sum_of_token_logprobs(tiny, share_prefix, labels, he
         for j, label in enumerate(fmt.labels):
             expected = naive_logprob(model, fmt.prompt_ids(text), fmt.label_ids[label])
             assert abs(scores[i, j].item() - expected) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["score", "generate"])
+def test_predict_with_merged_adapters_equals_unmerged(tiny, method):
+    base, tok = tiny
+    model = copy.deepcopy(base)
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    nonzero_lora_B_(model, std=0.2)
+    fmt = PromptFormatter(tok)
+    fmt.label_ids = LABEL_SETS["mixed lengths"]
+    weights = {name: m.base_layer.weight.detach().clone() for name, m in lora_modules(model)}
+    merged = predict(model, fmt, TEXTS, method, batch_size=2, max_new_tokens=3, merged=True)
+    unmerged = predict(model, fmt, TEXTS, method, batch_size=2, max_new_tokens=3, merged=False)
+    assert merged.predicted == unmerged.predicted
+    if method == "score":
+        without_adapters = label_logprobs(base, fmt, TEXTS, batch_size=2)
+        assert (unmerged.logprobs - without_adapters).abs().max() > 1e-2  # the adapters matter
+        torch.testing.assert_close(merged.logprobs, unmerged.logprobs, atol=1e-5, rtol=0)
+    assert all(torch.equal(m.base_layer.weight, weights[name]) and not m.merged for name, m in lora_modules(model))
 
 
 def test_generation_with_cache_equals_without(tiny):
