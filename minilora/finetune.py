@@ -18,7 +18,7 @@ from .adapter_io import save_adapter
 from .checkpoint import load_model
 from .device import pick_device, pick_dtype, seed_everything
 from .evaluate import evaluate
-from .lora import LoraConfig, inject_adapters, trainable_summary
+from .lora import LoraConfig, inject_adapters, merged_for_inference, trainable_summary
 from .loss import completion_loss
 from .model import CausalLM
 from .prompts import PromptFormatter, collate, load_template
@@ -232,8 +232,15 @@ def subset_rows(examples: list, limit: int, seed: int) -> list:
 @torch.no_grad()
 def validation_scores(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
                       batch_size: int) -> dict:
-    """Answer-token loss and label-scoring accuracy on validation rows."""
+    """Answer-token loss and label-scoring accuracy on validation rows (adapters merged for the while:
+    `lora.merged_for_inference` puts the training weights back bit for bit)."""
     model.eval()
+    with merged_for_inference(model):
+        return _validation_scores(model, formatter, examples, max_len, batch_size)
+
+
+def _validation_scores(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
+                       batch_size: int) -> dict:
     nll, weight = 0.0, 0.0
     tokenized = [formatter.tokenize(ex.text, ex.label) for ex in examples]
     for start in range(0, len(tokenized), batch_size):

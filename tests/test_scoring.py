@@ -73,6 +73,29 @@ def test_predict_with_merged_adapters_equals_unmerged(tiny, method):
     assert all(torch.equal(m.base_layer.weight, weights[name]) and not m.merged for name, m in lora_modules(model))
 
 
+def test_validation_scores_with_merged_adapters_equal_unmerged(tiny):
+    from minilora.data import Example
+    from minilora.finetune import _validation_scores, validation_scores
+
+    base, tok = tiny
+    model = copy.deepcopy(base)
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    nonzero_lora_B_(model, std=0.2)
+    fmt = PromptFormatter(tok)
+    fmt.label_ids = LABEL_SETS["single tokens"]
+    examples = [Example(text, label) for text, label in zip(TEXTS, ["positive", "neutral", "negative"] * 2)]
+    weights = {name: m.base_layer.weight for name, m in lora_modules(model)}
+    merged = validation_scores(model, fmt, examples, max_len=64, batch_size=2)
+    assert all(m.base_layer.weight is weights[name] and not m.merged for name, m in lora_modules(model))
+    with torch.no_grad():
+        unmerged = _validation_scores(model, fmt, examples, max_len=64, batch_size=2)
+        without_adapters = _validation_scores(base, fmt, examples, max_len=64, batch_size=2)
+    assert abs(unmerged["loss"] - without_adapters["loss"]) > 1e-3  # the adapters matter
+    assert merged["accuracy"] == unmerged["accuracy"]
+    assert abs(merged["loss"] - unmerged["loss"]) < 1e-5
+
+
 def test_generation_with_cache_equals_without(tiny):
     model, tok = tiny
     fmt = PromptFormatter(tok)
