@@ -345,7 +345,7 @@ def unmerge_adapters(model: nn.Module) -> None:
 def merged_for_inference(model: nn.Module):
     """Inside the block, adapters on dense fp32 base weights run merged: one product per projection
     instead of three (the rank-r products are thin and run far below the matmul rate; `score` on Gemma 3
-    270M is ~8 % faster, benchmarks/NOTES.md round 8). For inference only (no gradients).
+    270M is 7 % faster, benchmarks/NOTES.md round 8). For inference only (no gradients).
 
     The base weights are swapped, not changed: each layer gets a new tensor W + update, and on exit its
     original tensor back, bit for bit (merge / unmerge in place would leave rounding drift). Costs one

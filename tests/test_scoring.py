@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from minilora.checkpoint import load_model
+from minilora.data import Example
 from minilora.evaluate import predict
+from minilora.finetune import _validation_scores, validation_scores
 from minilora.generate import generate, parse_label
 from minilora.lora import LoraConfig, inject_adapters, lora_modules
 from minilora.prompts import PromptFormatter
@@ -53,15 +55,21 @@ def test_scores_equal_naive_sum_of_token_logprobs(tiny, share_prefix, labels, he
             assert abs(scores[i, j].item() - expected) < 1e-4
 
 
-@pytest.mark.parametrize("method", ["score", "generate"])
-def test_predict_with_merged_adapters_equals_unmerged(tiny, method):
+def with_adapters(tiny, labels: str):
+    """(the tiny model, a copy of it with non-zero LoRA adapters, a formatter with LABEL_SETS[labels])."""
     base, tok = tiny
     model = copy.deepcopy(base)
     inject_adapters(model, LoraConfig(r=4, alpha=8))
     torch.manual_seed(0)
     nonzero_lora_B_(model, std=0.2)
     fmt = PromptFormatter(tok)
-    fmt.label_ids = LABEL_SETS["mixed lengths"]
+    fmt.label_ids = LABEL_SETS[labels]
+    return base, model, fmt
+
+
+@pytest.mark.parametrize("method", ["score", "generate"])
+def test_predict_with_merged_adapters_equals_unmerged(tiny, method):
+    base, model, fmt = with_adapters(tiny, "mixed lengths")
     weights = {name: m.base_layer.weight.detach().clone() for name, m in lora_modules(model)}
     merged = predict(model, fmt, TEXTS, method, batch_size=2, max_new_tokens=3, merged=True)
     unmerged = predict(model, fmt, TEXTS, method, batch_size=2, max_new_tokens=3, merged=False)
@@ -74,16 +82,7 @@ def test_predict_with_merged_adapters_equals_unmerged(tiny, method):
 
 
 def test_validation_scores_with_merged_adapters_equal_unmerged(tiny):
-    from minilora.data import Example
-    from minilora.finetune import _validation_scores, validation_scores
-
-    base, tok = tiny
-    model = copy.deepcopy(base)
-    inject_adapters(model, LoraConfig(r=4, alpha=8))
-    torch.manual_seed(0)
-    nonzero_lora_B_(model, std=0.2)
-    fmt = PromptFormatter(tok)
-    fmt.label_ids = LABEL_SETS["single tokens"]
+    base, model, fmt = with_adapters(tiny, "single tokens")
     examples = [Example(text, label) for text, label in zip(TEXTS, ["positive", "neutral", "negative"] * 2)]
     weights = {name: m.base_layer.weight for name, m in lora_modules(model)}
     merged = validation_scores(model, fmt, examples, max_len=64, batch_size=2)
