@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -231,15 +232,15 @@ def subset_rows(examples: list, limit: int, seed: int) -> list:
 
 @torch.no_grad()
 def validation_scores(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
-                      batch_size: int) -> dict:
-    """Answer-token loss and label-scoring accuracy on validation rows (adapters merged for the while:
-    `lora.merged_for_inference` puts the training weights back bit for bit)."""
+                      batch_size: int, merged: bool = True) -> dict:
+    """Answer-token loss and label-scoring accuracy on validation rows. merged: as in
+    `evaluate.predict` (`lora.merged_for_inference` puts the training weights back bit for bit)."""
     model.eval()
-    with merged_for_inference(model):
-        return _validation_scores(model, formatter, examples, max_len, batch_size)
+    with merged_for_inference(model) if merged else nullcontext():
+        return _loss_and_accuracy(model, formatter, examples, max_len, batch_size)
 
 
-def _validation_scores(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
+def _loss_and_accuracy(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
                        batch_size: int) -> dict:
     nll, weight = 0.0, 0.0
     tokenized = [formatter.tokenize(ex.text, ex.label) for ex in examples]

@@ -125,6 +125,13 @@ class LoRALinear(nn.Module):
                 and type(self.base_layer) is nn.Linear and self.base_layer.bias is None
                 and not self.base_layer.weight.requires_grad)
 
+    def merges_exactly(self) -> bool:
+        """Whether `merged_weight` can go into a copy of the base weight with nothing lost but fp32
+        rounding: a dense, frozen fp32 base (NF4 would be re-quantized, bf16 / fp16 would round the
+        update). A variant whose merge is not exact overrides this."""
+        base = self.base_layer
+        return type(base) is nn.Linear and base.weight.dtype == torch.float32 and not base.weight.requires_grad
+
     def _dropout_keep_bits(self, x: Tensor) -> tuple[Tensor | None, float]:
         if not self.training or not isinstance(self.lora_dropout, FastDropout):
             return None, 0.0
@@ -350,16 +357,15 @@ def merged_for_inference(model: nn.Module):
     The base weights are swapped, not changed: each layer gets a new tensor W + update, and on exit its
     original tensor back, bit for bit (merge / unmerge in place would leave rounding drift). Costs one
     extra copy of the adapted weights while the block runs. Left unmerged: disabled adapters (the
-    baseline under `disable_adapters`), NF4 bases (see `LoRALinear.merge`), bases in bf16 / fp16 (the
-    update would be rounded to their precision) and base weights that are being trained."""
+    baseline under `disable_adapters`) and layers whose `merges_exactly()` is False (NF4, bf16 / fp16
+    or trained base weights)."""
     swapped: list[tuple[LoRALinear, nn.Parameter]] = []
     try:
         with torch.no_grad():
             for _, module in lora_modules(model):
-                base = module.base_layer
-                if (module.merged or module.disabled or type(base) is not nn.Linear
-                        or base.weight.dtype != torch.float32 or base.weight.requires_grad):
+                if module.merged or module.disabled or not module.merges_exactly():
                     continue
+                base = module.base_layer
                 swapped.append((module, base.weight))
                 base.weight = nn.Parameter(module.merged_weight(base.weight), requires_grad=False)
                 module.merged = True

@@ -9,7 +9,7 @@ import torch
 from minilora.checkpoint import load_model
 from minilora.data import Example
 from minilora.evaluate import predict
-from minilora.finetune import _validation_scores, validation_scores
+from minilora.finetune import validation_scores
 from minilora.generate import generate, parse_label
 from minilora.lora import LoraConfig, inject_adapters, lora_modules
 from minilora.prompts import PromptFormatter
@@ -87,9 +87,8 @@ def test_validation_scores_with_merged_adapters_equal_unmerged(tiny):
     weights = {name: m.base_layer.weight for name, m in lora_modules(model)}
     merged = validation_scores(model, fmt, examples, max_len=64, batch_size=2)
     assert all(m.base_layer.weight is weights[name] and not m.merged for name, m in lora_modules(model))
-    with torch.no_grad():
-        unmerged = _validation_scores(model, fmt, examples, max_len=64, batch_size=2)
-        without_adapters = _validation_scores(base, fmt, examples, max_len=64, batch_size=2)
+    unmerged = validation_scores(model, fmt, examples, max_len=64, batch_size=2, merged=False)
+    without_adapters = validation_scores(base, fmt, examples, max_len=64, batch_size=2)
     assert abs(unmerged["loss"] - without_adapters["loss"]) > 1e-3  # the adapters matter
     assert merged["accuracy"] == unmerged["accuracy"]
     assert abs(merged["loss"] - unmerged["loss"]) < 1e-5
