@@ -352,7 +352,8 @@ def unmerge_adapters(model: nn.Module) -> None:
 def merged_for_inference(model: nn.Module):
     """Inside the block, adapters on dense fp32 base weights run merged: one product per projection
     instead of three (the rank-r products are thin and run far below the matmul rate; `score` on Gemma 3
-    270M is 7 % faster, benchmarks/NOTES.md round 8). For inference only (no gradients).
+    270M is 7 % faster, benchmarks/NOTES.md round 8). For inference only: the block runs under
+    `torch.no_grad()`, so a backward inside it fails instead of leaving the adapters without gradients.
 
     The base weights are swapped, not changed: each layer gets a new tensor W + update, and on exit its
     original tensor back, bit for bit (merge / unmerge in place would leave rounding drift). Costs one
@@ -369,7 +370,7 @@ def merged_for_inference(model: nn.Module):
                 swapped.append((module, base.weight))
                 base.weight = nn.Parameter(module.merged_weight(base.weight), requires_grad=False)
                 module.merged = True
-        yield model
+            yield model
     finally:
         for module, original in swapped:
             module.base_layer.weight = original

@@ -152,6 +152,22 @@ def test_merged_for_inference_leaves_what_it_cannot_merge_exactly_and_restores_o
     assert all(m.base_layer.weight is originals[name] for name, m in lora_modules(model))
 
 
+def test_merged_for_inference_refuses_a_backward_instead_of_dropping_the_adapters_gradients():
+    model = twin(hf_model(tiny_llama_config(num_hidden_layers=2)))
+    inject_adapters(model, LoraConfig(r=4))
+    model.model.layers[0].self_attn.v_proj.base_layer.weight.requires_grad_(True)  # trained: stays unmerged
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    with merged_for_inference(model):
+        # the other layers' merged weights are constants: without the guard, only v_proj's adapter and
+        # base weight would get gradients, and the rest of the adapters silently none
+        loss = model(ids).logits.square().mean()
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            loss.backward()
+    assert all(p.grad is None for name, p in model.named_parameters() if "lora_" in name)
+    model(ids).logits.square().mean().backward()  # outside the block, training works as before
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
+
+
 def test_all_linear_skips_lm_head_and_summary():
     model = hf_model(tiny_llama_config(num_hidden_layers=2))
     names = inject_adapters(model, LoraConfig(r=2, target_modules="all-linear"))
