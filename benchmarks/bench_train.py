@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, malloc_in_use, markdown_table, median,
-                    peak_rss_mb, reference_stack_missing, run_worker, set_threads, step_flops, write_json)
+                    peak_rss_mb, reference_stack_missing, run_worker, set_threads, step_flops, supervised_positions,
+                    write_json)
 
 STACKS = ("minilora", "reference")
 MALLOC_CHOICES = ("cli", "same", "system")
@@ -248,7 +249,7 @@ def minilora_worker(args: argparse.Namespace) -> dict:
 
     def flops_of(batch) -> float:
         prefix = _shared_prefix_length(batch) if args.share_prefix else 0
-        return step_flops(cfg, batch.attention_mask.sum(1).tolist(), (batch.labels != -100).sum(1).tolist(),
+        return step_flops(cfg, batch.attention_mask.sum(1).tolist(), supervised_positions(batch.labels),
                           args.lora_r, TARGETS, prefix)["total"]
 
     result = training_loop(args, "minilora", step_fn, batches, optimizer, params, flops_of)
@@ -288,7 +289,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
         return out.loss.item()
 
     def flops_of(batch) -> float:  # same workload, no prefix sharing
-        return step_flops(cfg, batch.attention_mask.sum(1).tolist(), (batch.labels != -100).sum(1).tolist(),
+        return step_flops(cfg, batch.attention_mask.sum(1).tolist(), supervised_positions(batch.labels),
                           args.lora_r, TARGETS)["total"]
 
     result = training_loop(args, "reference", step_fn, batches, optimizer, params, flops_of)

@@ -106,12 +106,18 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=TARGETS,
+def supervised_positions(labels) -> list[list[int]]:
+    """Per row of a (B, T) label tensor, the positions where the LM head runs: t whose next token,
+    labels[t + 1], is supervised (-100 elsewhere)."""
+    return [[int(j) - 1 for j in (row != -100).nonzero().flatten()] for row in labels]
+
+
+def step_flops(cfg, lengths: list[int], supervised: list[list[int]], r: int, targets=TARGETS,
                shared_prefix: int = 0) -> dict[str, float]:
     """Useful FLOPs of one training step (forward + backward) of a batch of rows, from the config.
 
-    lengths[b]: real (non-pad) tokens of row b; supervised[b]: positions of row b whose next token is
-    supervised (where the LM head runs). Per real token and layer:
+    lengths[b]: real (non-pad) tokens of row b; supervised[b]: the positions of row b whose next token
+    is supervised, where the LM head runs (`supervised_positions`). Per real token and layer:
 
     * frozen projections: 2 * P_linear forward + 2 * P_linear backward (activation gradients only:
       the base weights get no gradient);
@@ -124,8 +130,8 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
     asks for their input gradient, and neither their 2 * P_qkv backward nor their adapters' 2 * r * in
     of it is run.
     Except in the last layer: only k / v are needed at every token; q, attention, o and the MLP
-    run only at the supervised positions (`outputs_at`, positions.Selection), taken to be each
-    row's last ones before its final token (the answer ends the row).
+    run only at the supervised positions (`outputs_at`, positions.Selection), wherever they are in
+    the row.
     Plus the LM head at supervised positions only: 2 * H * V forward + 2 * H * V backward.
     Not counted: gradient-checkpoint recomputation, padding, positions whose outputs are not needed,
     norms / activations / softmax / RoPE (elementwise), the optimizer. shared_prefix = P > 0 counts
@@ -143,24 +149,25 @@ def step_flops(cfg, lengths: list[int], supervised: list[int], r: int, targets=T
     attn_unit = 12 * cfg.num_heads * cfg.head_dim  # (4 forward + 8 backward) per key attended to
     window = cfg.sliding_window
 
-    def context_sum(start: int, stop: int, kind: str) -> int:
-        """Sum over positions t in [start, stop) of the keys visible to t."""
+    def keys_visible(positions, kind: str) -> int:
+        """Sum over the positions t of the keys t attends to."""
         if kind == "sliding_attention" and window is not None:
-            return sum(min(t + 1, window) for t in range(start, stop))
-        return (stop * (stop + 1) - start * (start + 1)) // 2
+            return sum(min(t + 1, window) for t in positions)
+        return sum(t + 1 for t in positions)
 
     last = cfg.layer_types[-1]
     tokens = attention = 0
     for row, length in enumerate(lengths):
         start = shared_prefix if row > 0 else 0  # rows after the first reuse the prefix keys / values
         tokens += length - start
-        attention += sum(context_sum(start, length, kind) for kind in cfg.layer_types[:-1]) * attn_unit
-        attention += context_sum(length - 1 - supervised[row], length - 1, last) * attn_unit
+        attention += sum(keys_visible(range(start, length), kind) for kind in cfg.layer_types[:-1]) * attn_unit
+        attention += keys_visible(supervised[row], last) * attn_unit
+    n_supervised = sum(len(positions) for positions in supervised)
     # last layer: q, o and the MLP (forward and backward, adapters included) at supervised positions only
     last_layer_only_selected = sum(4 * a * b + (6 * r * (a + b) if name in targets else 0)
                                    for name, (a, b) in shapes.items() if name in OUTPUT_ONLY_IN_LAST_LAYER)
-    body = tokens * per_token - (tokens - sum(supervised)) * last_layer_only_selected
-    head = sum(supervised) * 4 * cfg.hidden_size * cfg.vocab_size
+    body = tokens * per_token - (tokens - n_supervised) * last_layer_only_selected
+    head = n_supervised * 4 * cfg.hidden_size * cfg.vocab_size
     return {"total": body + attention + head, "linear_and_lora": body, "attention": attention, "lm_head": head,
             "tokens_computed": tokens}
 

@@ -35,8 +35,9 @@ def _bench_common():
     return module
 
 
-def _batch(lengths: list[int], vocab: int, share_prefix: int, answer_tokens: int = 2) -> Batch:
-    """Right-padded rows; the last `answer_tokens` real tokens of each row are supervised."""
+def _batch(lengths: list[int], vocab: int, share_prefix: int, answer_tokens: int = 2, trailing: int = 0) -> Batch:
+    """Right-padded rows; `answer_tokens` real tokens of each row are supervised, followed by
+    `trailing` unsupervised ones."""
     gen = torch.Generator().manual_seed(1)
     length = max(lengths)
     input_ids = torch.randint(5, vocab, (len(lengths), length), generator=gen)
@@ -45,20 +46,23 @@ def _batch(lengths: list[int], vocab: int, share_prefix: int, answer_tokens: int
     input_ids = input_ids * attention_mask
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for row, n in enumerate(lengths):
-        labels[row, n - answer_tokens : n] = input_ids[row, n - answer_tokens : n]
+        answer = slice(n - trailing - answer_tokens, n - trailing)
+        labels[row, answer] = input_ids[row, answer]
     return Batch(input_ids, attention_mask, labels, torch.ones(len(lengths)))
 
 
+@pytest.mark.parametrize("trailing", [0, 2])
 @pytest.mark.parametrize("share_prefix", [0, 4])
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_step_flops_equals_the_matmuls_a_step_runs(kind, share_prefix):
+def test_step_flops_equals_the_matmuls_a_step_runs(kind, share_prefix, trailing):
     common = _bench_common()
     hf = hf_model(tiny_llama_config() if kind == "llama" else tiny_gemma_config())
     model = twin(hf)
     torch.manual_seed(0)
     inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=list(common.TARGETS)))
     model.train()
-    batch = _batch([12, 9, 7], model.config.vocab_size, share_prefix)
+    lengths = [12, 10, 9]  # each row's answer is after the shared prefix, even with trailing tokens
+    batch = _batch(lengths, model.config.vocab_size, share_prefix, trailing=trailing)
 
     with FlopCounterMode(display=False) as counter:
         completion_loss(model, batch, share_prefix).nll_sum.backward()
@@ -66,6 +70,21 @@ def test_step_flops_equals_the_matmuls_a_step_runs(kind, share_prefix):
     counted = sum(flops for op, flops in by_op.items() if op in MATMUL_OPS)
 
     expected = common.step_flops(model.config, batch.attention_mask.sum(1).tolist(),
-                                 (batch.labels != IGNORE_INDEX).sum(1).tolist(), 4, common.TARGETS, share_prefix)
-    assert expected["tokens_computed"] == (sum([12, 9, 7]) - 2 * share_prefix)
+                                 common.supervised_positions(batch.labels), 4, common.TARGETS, share_prefix)
+    assert expected["tokens_computed"] == (sum(lengths) - 2 * share_prefix)
     assert counted == expected["linear_and_lora"] + expected["lm_head"], by_op
+
+
+def test_supervised_positions_are_where_the_head_predicts_a_label():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX],
+                           [IGNORE_INDEX, 5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 9]])
+    assert _bench_common().supervised_positions(labels) == [[1, 2], [0, 4]]
+
+
+def test_step_flops_attention_counts_the_keys_each_supervised_position_sees():
+    common = _bench_common()
+    cfg = twin(hf_model(tiny_llama_config())).config  # 3 layers, all full attention
+    per_key = 12 * cfg.num_heads * cfg.head_dim  # QK^T and AV, forward and backward
+    # one row of 6 tokens, the head at position 2 only: the first two layers run every position
+    # (1 + 2 + ... + 6 keys), the last layer's queries only position 2 (3 keys)
+    assert common.step_flops(cfg, [6], [[2]], 4)["attention"] == (2 * 21 + 3) * per_key
