@@ -18,6 +18,10 @@ invalid answers, and the examples/s ratios against (c). `--limit N` runs (c) on 
 it is then reported as a subset, next to minilora's accuracy on those same rows; nothing is
 extrapolated. Each method gets a 2-row warm-up call before it is timed; timings include tokenization
 and exclude model loading. Timings are measurements, never assertions.
+
+All methods run in this one process, so on one malloc, named in the report. Both minilora and the
+seeds' loop run faster on tcmalloc than on glibc's malloc (benchmarks/NOTES.md, round 9); preload it
+(LD_PRELOAD) to give every method the malloc eval.py restarts on.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import sys
 import time
 
 from common import (DEFAULT_DATA, OUTPUT_ONLY_IN_LAST_LAYER, MatmulProbe, environment, linear_shapes, load_splits,
-                    log, make_formatter_for, markdown_table, peak_rss_mb, reference_stack_missing, set_threads,
-                    write_json)
+                    log, make_formatter_for, malloc_in_use, markdown_table, peak_rss_mb, reference_stack_missing,
+                    set_threads, write_json)
 
 METHODS = ("score", "generate", "reference")
 
@@ -208,7 +212,8 @@ def main(argv=None) -> int:
     subset_header = f"accuracy on the first {ref['rows']} rows" if ref else "accuracy on the reference's rows"
     text = "\n".join([
         f"## Evaluation throughput: {args.model}{' + ' + args.adapter if args.adapter else ''}, "
-        f"{len(rows)} test rows, threads {threads}, minilora batch {args.batch_size}", "",
+        f"{len(rows)} test rows, threads {threads}, minilora batch {args.batch_size}, "
+        f"malloc {malloc_in_use()} (every method: one process)", "",
         markdown_table(["method", "rows", "examples / s", "accuracy", "invalid",
                         subset_header, "examples/s vs seeds' generate"], table_rows),
     ]) + subset_note
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
         text += f"\nreference: skipped ({skipped})"
     print(text, flush=True)
     write_json(args.json, {"args": vars(args), "environment": environment(), "results": results, "report": text,
-                           "peak_rss_mb": peak_rss_mb(), "reference_skipped": skipped})
+                           "peak_rss_mb": peak_rss_mb(), "malloc": malloc_in_use(), "reference_skipped": skipped})
     return 0
 
 
