@@ -210,10 +210,11 @@ def main(argv=None) -> int:
         subset_note = (f"\nseeds' generate ran on a subset: the first {ref['rows']} of {len(rows)} rows (--limit); "
                        "its examples/s and accuracy are for that subset only.")
     subset_header = f"accuracy on the first {ref['rows']} rows" if ref else "accuracy on the reference's rows"
+    malloc = malloc_in_use()
     text = "\n".join([
         f"## Evaluation throughput: {args.model}{' + ' + args.adapter if args.adapter else ''}, "
         f"{len(rows)} test rows, threads {threads}, minilora batch {args.batch_size}, "
-        f"malloc {malloc_in_use()} (every method: one process)", "",
+        f"malloc {malloc} (every method: one process)", "",
         markdown_table(["method", "rows", "examples / s", "accuracy", "invalid",
                         subset_header, "examples/s vs seeds' generate"], table_rows),
     ]) + subset_note
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
         text += f"\nreference: skipped ({skipped})"
     print(text, flush=True)
     write_json(args.json, {"args": vars(args), "environment": environment(), "results": results, "report": text,
-                           "peak_rss_mb": peak_rss_mb(), "malloc": malloc_in_use(), "reference_skipped": skipped})
+                           "peak_rss_mb": peak_rss_mb(), "malloc": malloc, "reference_skipped": skipped})
     return 0
 
 
