@@ -32,8 +32,8 @@ import sys
 import time
 
 from common import (DEFAULT_DATA, OUTPUT_ONLY_IN_LAST_LAYER, MatmulProbe, environment, linear_shapes, load_splits,
-                    log, make_formatter_for, malloc_in_use, markdown_table, peak_rss_mb, reference_stack_missing,
-                    set_threads, write_json)
+                    log, machine_label, make_formatter_for, malloc_in_use, markdown_table, peak_rss_mb,
+                    reference_stack_missing, set_threads, write_json)
 
 METHODS = ("score", "generate", "reference")
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     malloc = malloc_in_use()
     text = "\n".join([
         f"## Evaluation throughput: {args.model}{' + ' + args.adapter if args.adapter else ''}, "
-        f"{len(rows)} test rows, threads {threads}, minilora batch {args.batch_size}, "
+        f"{len(rows)} test rows, {machine_label(threads)}, minilora batch {args.batch_size}, "
         f"malloc {malloc} (every method: one process)", "",
         markdown_table(["method", "rows", "examples / s", "accuracy", "invalid",
                         subset_header, "examples/s vs seeds' generate"], table_rows),

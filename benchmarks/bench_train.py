@@ -36,9 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, malloc_in_use, markdown_table, median,
-                    peak_rss_mb, reference_stack_missing, run_worker, set_threads, step_flops, supervised_positions,
-                    write_json)
+from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, machine_label, malloc_in_use,
+                    markdown_table, median, peak_rss_mb, reference_stack_missing, run_worker, set_threads, step_flops,
+                    supervised_positions, write_json)
 
 STACKS = ("minilora", "reference")
 MALLOC_CHOICES = ("cli", "same", "system")
@@ -346,7 +346,7 @@ def report(args: argparse.Namespace, results: dict[str, dict], threads: int, ski
                      r["matmul_gflops_per_s"], r["useful_over_matmul"], r["load_s"], r["malloc"]])
     timed = args.steps - args.warmup
     lines = [f"## Training step: {args.model}, {args.steps} steps ({timed} timed after {args.warmup} warm-up), "
-             f"{args.rounds} round(s), batch {args.batch_size}, threads {threads}", "",
+             f"{args.rounds} round(s), batch {args.batch_size}, {machine_label(threads)}", "",
              markdown_table(["run", "s / step (median)", "speed-up vs reference", "tokens / s", "peak RSS (MiB)",
                              "RSS / reference", "final loss", "max rel. loss diff vs reference", "useful GFLOP/s",
                              "matmul GFLOP/s", "useful / matmul", "model load (s)", "malloc"], rows), ""]

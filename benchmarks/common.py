@@ -227,6 +227,31 @@ def write_json(path: str | Path | None, obj: dict) -> None:
         log(f"wrote {path}")
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name and widest vector unit, e.g. "AMD EPYC 7B13 (AVX2)", from the first
+    "model name" and "flags" of `cpuinfo` (else `platform.processor()`). Reports name it: a session
+    may land on another kind of machine, and ratios as well as absolute times move with it."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    return f"{name} ({vector})" if vector else name
+
+
+def machine_label(threads: int) -> str:
+    """e.g. "AMD EPYC 7B13 (AVX2), 2 cores, threads 2": the machine a report's numbers come from
+    (torch-free, so the training driver can write it without importing torch)."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, threads {threads}"
+
+
 def environment() -> dict:
     """Machine facts worth keeping next to the numbers."""
     import importlib.metadata
@@ -234,7 +259,8 @@ def environment() -> dict:
 
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average_1m": os.getloadavg()[0]}
     for name in ("transformers", "peft"):  # versions from metadata: importing them would inflate RSS

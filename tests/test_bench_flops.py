@@ -4,7 +4,7 @@ The "useful / matmul" figure of bench_train.py is only as good as this count. On
 checkpointing, every matmul the training step runs (projections, adapters, LM head; forward and
 backward) must be what `step_flops` counts, no more and no less. Attention is left out here: torch's
 counter charges SDPA the full (T x S) square of the padded layout, while `step_flops` counts the keys
-each real token attends to.
+each real token attends to. Also here: the machine name every report starts with (`cpu_model`).
 """
 
 from __future__ import annotations
@@ -88,3 +88,32 @@ def test_step_flops_attention_counts_the_keys_each_supervised_position_sees():
     # one row of 6 tokens, the head at position 2 only: the first two layers run every position
     # (1 + 2 + ... + 6 keys), the last layer's queries only position 2 (3 keys)
     assert common.step_flops(cfg, [6], [[2]], 4)["attention"] == (2 * 21 + 3) * per_key
+
+
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+
+processor\t: 1
+model name\t: AMD EPYC 7B13
+"""
+
+
+@pytest.mark.parametrize("text, expected", [
+    (AMD_CPUINFO, "AMD EPYC 7B13 (AVX2)"),
+    ("model name : Intel(R) Xeon(R) Processor\nflags : sse avx2 avx512f avx512bw\n",
+     "Intel(R) Xeon(R) Processor (AVX-512)"),
+    ("model name : Some ARM core\nFeatures : fp asimd\n", "Some ARM core"),
+])
+def test_cpu_model_names_the_model_and_its_widest_vector_unit(tmp_path, text, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert _bench_common().cpu_model(cpuinfo) == expected
+
+
+def test_cpu_model_falls_back_when_cpuinfo_is_missing(tmp_path, monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "processor", lambda: "x86_64")
+    assert _bench_common().cpu_model(tmp_path / "absent") == "x86_64"
