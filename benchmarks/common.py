@@ -260,9 +260,8 @@ def environment() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "load_average_1m": os.getloadavg()[0]}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_1m": os.getloadavg()[0]}
     for name in ("transformers", "peft"):  # versions from metadata: importing them would inflate RSS
         try:
             info[name] = importlib.metadata.version(name)
