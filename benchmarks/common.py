@@ -108,8 +108,10 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
 
 def supervised_positions(labels) -> list[list[int]]:
     """Per row of a (B, T) label tensor, the positions where the LM head runs: t whose next token,
-    labels[t + 1], is supervised (-100 elsewhere)."""
-    return [[int(j) - 1 for j in (row != -100).nonzero().flatten()] for row in labels]
+    labels[t + 1], is supervised (IGNORE_INDEX elsewhere)."""
+    from minilora.prompts import IGNORE_INDEX  # here, not at the top: this module stays torch-free
+
+    return [[int(j) - 1 for j in (row != IGNORE_INDEX).nonzero().flatten()] for row in labels]
 
 
 def step_flops(cfg, lengths: list[int], supervised: list[list[int]], r: int, targets=TARGETS,

@@ -27,7 +27,7 @@ def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has AMX tiles, where oneDNN runs bf16 matmuls faster than fp32. (torch's
     `get_cpu_capability()` names only the vector width, DEFAULT / AVX2 / AVX512, never AMX.)"""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3
-    return bool(amx()) if amx is not None else False
+    return amx is not None and bool(amx())
 
 
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
