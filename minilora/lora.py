@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .lora_op import lora_linear
 from .quant import NF4Linear
-from .recompute import dropout_keep_bits, dropout_mask
+from .recompute import dropout_drops, dropout_mask
 
 # never adapted unless named explicitly: adapters on the LM head or embeddings do not load in vLLM /
 # llama.cpp (see docs/PITFALLS.md)
@@ -105,8 +105,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in) -> (..., out)
         if self._runs_as_one_op():
-            keep_bits, p = self._dropout_keep_bits(x)
-            return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, keep_bits, p,
+            drops, p = self._dropout_drops(x)
+            return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, drops, p,
                                self.scale)[0]
         result = self.base_layer(x)
         if self.merged or self.disabled:
@@ -132,10 +132,10 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         return type(base) is nn.Linear and base.weight.dtype == torch.float32 and not base.weight.requires_grad
 
-    def _dropout_keep_bits(self, x: Tensor) -> tuple[Tensor | None, float]:
+    def _dropout_drops(self, x: Tensor) -> tuple[Tensor | None, float]:
         if not self.training or not isinstance(self.lora_dropout, FastDropout):
             return None, 0.0
-        return dropout_keep_bits(x.shape, self.lora_dropout.p, x.device), self.lora_dropout.p
+        return dropout_drops(x.shape, self.lora_dropout.p, x.device), self.lora_dropout.p
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         """The base weight with the update folded in (fp32 in, fp32 out)."""

@@ -3,15 +3,15 @@
     y = x @ W.T + scale * h @ B.T        h = (x * keep) @ A.T / (1 - p)
 
 W (out, in) is frozen, A (r, in) and B (out, r) are the adapter, keep is inverted dropout's 0 / 1
-flags (packed 1 bit per element, `recompute.dropout_keep_bits`; None without dropout). `LoRALinear`
+flags (given as `recompute.dropout_drops`: on CPU the dropped positions; None without dropout). `LoRALinear`
 composes the same map from autograd ops: five graph nodes and a float mask, and under selective
 checkpointing (recompute.py) the replay runs the two rank-r products, the mask and the add again,
 because only the frozen matmul's output is kept. As one op:
 
 * selective checkpointing keeps its outputs, y and h (r floats per token), in place of the frozen
   matmul's output: the replay recomputes nothing here;
-* the flags are multiplied in as uint8, and 1 / (1 - p) is applied to the r-wide products: no float
-  mask is made, kept or recomputed;
+* the dropped elements of x (and of the input gradient) are set to 0 in a copy, and 1 / (1 - p) is
+  applied to the r-wide products: no float mask is made, kept or recomputed;
 * backward is the four products LoRA needs and no more; the first layer's q / k / v, whose input
   (the frozen embeddings) wants no gradient, skip both input-gradient products:
 
@@ -30,17 +30,16 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .recompute import keep_flags, keep_outputs_of
+from .recompute import keep_outputs_of, zero_dropped
 
 
 @torch.library.custom_op("minilora::lora_linear", mutates_args=())
-def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, keep_bits: Optional[Tensor],
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: Optional[Tensor],
                 p: float, scale: float) -> tuple[Tensor, Tensor]:
     """(y, h): the layer's output (..., out) in x's dtype, and h (..., r) in the adapter's dtype."""
     base = torch.nn.functional.linear(x, weight)  # (..., out)
-    keep = keep_flags(keep_bits, (math.prod(x.shape[:-1]), x.shape[-1])) if keep_bits is not None else None
-    h = torch.mm(_adapter_input(x, lora_A.dtype, keep), lora_A.t())  # (N, r)
-    if keep_bits is not None:
+    h = torch.mm(_adapter_input(x, lora_A.dtype, drops), lora_A.t())  # (N, r)
+    if drops is not None:
         h.mul_(1.0 / (1.0 - p))
     out_features = weight.shape[0]
     if base.dtype == lora_B.dtype:
@@ -50,31 +49,32 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, keep_
     return y.view(base.shape), h.view(*x.shape[:-1], lora_A.shape[0])
 
 
-def _adapter_input(x: Tensor, dtype: torch.dtype, keep: Tensor | None) -> Tensor:
+def _adapter_input(x: Tensor, dtype: torch.dtype, drops: Tensor | None) -> Tensor:
     """x * keep as (N, in) in the adapter's dtype (the 1 / (1 - p) is applied by the caller)."""
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    return x2 if keep is None else x2 * keep  # uint8 flags (N, in): promoted in the one pass
+    x2 = x.reshape(-1, x.shape[-1])
+    if drops is None:
+        return x2.to(dtype)
+    return zero_dropped(x2.to(dtype, memory_format=torch.contiguous_format, copy=True), drops)
 
 
 @lora_linear.register_fake
-def _(x, weight, lora_A, lora_B, keep_bits, p, scale):
+def _(x, weight, lora_A, lora_B, drops, p, scale):
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=lora_A.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, keep_bits, p, scale = inputs
+    x, weight, lora_A, lora_B, drops, p, scale = inputs
     ctx.p, ctx.scale = p, scale
-    ctx.save_for_backward(x, weight, lora_A, lora_B, keep_bits, output[1])
+    ctx.save_for_backward(x, weight, lora_A, lora_B, drops, output[1])
     ctx.mark_non_differentiable(output[1])  # h is an output only so that checkpointing can keep it
 
 
 def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
-    x, weight, lora_A, lora_B, keep_bits, h = ctx.saved_tensors
+    x, weight, lora_A, lora_B, drops, h = ctx.saved_tensors
     need_x, _, need_A, need_B = ctx.needs_input_grad[:4]
-    inverse_keep = 1.0 / (1.0 - ctx.p) if keep_bits is not None else 1.0
+    inverse_keep = 1.0 / (1.0 - ctx.p) if drops is not None else 1.0
     dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
-    keep = keep_flags(keep_bits, (dy.shape[0], x.shape[-1])) if keep_bits is not None else None  # unpacked once
     dy_adapter = dy.to(lora_B.dtype)
     grad_x = grad_A = grad_B = None
     if need_B:
@@ -82,11 +82,11 @@ def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
     if need_A or need_x:
         dh = (dy_adapter @ lora_B).mul_(ctx.scale)  # (N, r)
         if need_A:
-            grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, keep)).mul_(inverse_keep)  # (r, in)
+            grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, drops)).mul_(inverse_keep)  # (r, in)
         if need_x:
             grad_adapter_in = dh.mul_(inverse_keep) @ lora_A  # (N, in)
-            if keep is not None:
-                grad_adapter_in.mul_(keep)
+            if drops is not None:
+                zero_dropped(grad_adapter_in, drops)
             grad_x = dy.to(weight.dtype) @ weight
             if grad_x.dtype == grad_adapter_in.dtype:
                 grad_x.add_(grad_adapter_in)

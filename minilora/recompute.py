@@ -9,7 +9,7 @@ activations. Two policies:
 * "selective": PyTorch's selective activation checkpointing, which picks op by op what is kept: the
   outputs of the adapted projections (`lora_op.lora_linear`: the output and the rank-r product), of
   other frozen projections (matmuls whose weight gets no gradient), of the fused attention kernel
-  and the dropout masks, packed 8 per byte (see `dropout_keep_bits`). Recomputing those is most of
+  and the dropout masks, as the dropped positions (see `dropout_drops`). Recomputing those is most of
   the recompute work; what is left to recompute is norms, RoPE and activations. It costs those
   outputs in memory: about (2 q + k + v + 2 * intermediate + 2 * hidden) floats per token per layer,
   e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
@@ -31,19 +31,19 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 CHECKPOINT_POLICIES = ("full", "selective")
 
 
-@torch.library.custom_op("minilora::dropout_keep_bits", mutates_args=(), device_types="cpu")
-def _dropout_keep_bits(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:
-    """Which of `numel` elements inverted dropout keeps (each independently with probability 1 - p),
-    packed 8 per byte (uint8), drawn from SFC64(seed).
+@torch.library.custom_op("minilora::dropout_drops", mutates_args=(), device_types="cpu")
+def _dropout_drops(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:
+    """The flat positions, in increasing order, of the elements that inverted dropout drops among
+    `numel` (each independently with probability p), drawn from SFC64(seed); int32 when `numel` fits.
 
-    An op of its own so that selective checkpointing can keep its small output: the replay then
-    unpacks the forward's mask instead of drawing it again."""
+    An op of its own so that selective checkpointing can keep its small output (about p * numel
+    positions): the replay then zeroes the forward's positions instead of drawing them again."""
     if p <= SPARSE_DROP_RATE:
-        keep = _keep_flags_from_gaps(np.random.Generator(np.random.SFC64(int(seed))), numel, p)
-    else:  # element i is kept when the i-th 32-bit draw is >= p * 2^32
+        dropped = _dropped_positions_from_gaps(np.random.Generator(np.random.SFC64(int(seed))), numel, p)
+    else:  # element i is dropped when the i-th 32-bit draw is < p * 2^32
         draws = np.random.SFC64(int(seed)).random_raw((numel + 1) // 2).view(np.uint32)[:numel]
-        keep = draws >= np.uint32(min(round(p * 2**32), 2**32 - 1))
-    return torch.from_numpy(np.packbits(keep))
+        dropped = np.flatnonzero(draws < np.uint32(min(round(p * 2**32), 2**32 - 1)))
+    return torch.from_numpy(dropped).to(_position_dtype(numel))
 
 
 # Up to this rate the dropped elements are drawn directly (one draw per dropped element, 2x faster at
@@ -51,10 +51,11 @@ def _dropout_keep_bits(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor
 SPARSE_DROP_RATE = 0.25
 
 
-def _keep_flags_from_gaps(rng: np.random.Generator, numel: int, p: float, batch: int | None = None) -> np.ndarray:
-    """Bernoulli keep flags via the gaps between dropped elements: with E standard exponential,
-    floor(E / -log(1 - p)) + 1 is geometric (P(gap > k) = (1 - p)^k), so the cumulative sums of such
-    gaps, minus one, are the dropped positions of i.i.d. Bernoulli(p) drops."""
+def _dropped_positions_from_gaps(rng: np.random.Generator, numel: int, p: float,
+                                 batch: int | None = None) -> np.ndarray:
+    """Positions of i.i.d. Bernoulli(p) drops among `numel`, via the gaps between them: with E standard
+    exponential, floor(E / -log(1 - p)) + 1 is geometric (P(gap > k) = (1 - p)^k), so the cumulative
+    sums of such gaps, minus one, are the dropped positions."""
     rate = -np.log1p(-p)
     expected = numel * p
     if batch is None:  # gaps drawn per round; one round nearly always covers numel
@@ -66,20 +67,23 @@ def _keep_flags_from_gaps(rng: np.random.Generator, numel: int, p: float, batch:
         positions = end + np.cumsum(gaps)
         dropped = np.concatenate((dropped, positions))
         end = int(positions[-1])
-    keep = np.ones(numel, dtype=bool)
-    keep[dropped[: np.searchsorted(dropped, numel)]] = False
-    return keep
+    return dropped[: np.searchsorted(dropped, numel)]
 
 
-@_dropout_keep_bits.register_fake
+def _position_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel <= 2**31 else torch.int64  # int32: half the memory kept for the replay
+
+
+@_dropout_drops.register_fake
 def _(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:  # shapes only, for meta / fake tensors
-    return seed.new_empty(((numel + 7) // 8,), dtype=torch.uint8)
+    count = torch.library.get_ctx().new_dynamic_size()  # how many are dropped is known only after the draw
+    return seed.new_empty((count,), dtype=_position_dtype(numel))
 
 
 @torch.library.custom_op("minilora::dropout_keep_bits_on_device", mutates_args=())
 def _dropout_keep_bits_on_device(like: torch.Tensor, numel: int, p: float) -> torch.Tensor:
-    """The same packed mask drawn by the generator of `like`'s device (CUDA's is fast). Kept by
-    selective checkpointing like the CPU op: 1 bit per element instead of a float mask."""
+    """Which elements the device's generator keeps (CUDA's is fast), packed 8 per byte (uint8): positions
+    would need a host sync per mask to size them. Kept by selective checkpointing like the CPU op."""
     return pack_bits(torch.rand(numel, device=like.device) >= p)
 
 
@@ -103,8 +107,8 @@ def _bit_shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(7, -1, -1, dtype=torch.uint8, device=device)  # made there: no host-to-device copy
 
 
-# see dropout_keep_bits; randint draws the CPU mask's seed
-_MASK_OPS = {torch.ops.aten.randint.low, torch.ops.minilora.dropout_keep_bits.default,
+# see dropout_drops; randint draws the CPU mask's seed
+_MASK_OPS = {torch.ops.aten.randint.low, torch.ops.minilora.dropout_drops.default,
              torch.ops.minilora.dropout_keep_bits_on_device.default}
 _MATMUL_OPS = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}  # op -> index of the weight operand
 # fused attention kernels: their outputs (and softmax statistics) are what their backward needs
@@ -141,32 +145,37 @@ def checkpoint_context(policy: str):
 
 
 def dropout_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Inverted-dropout multiplier of `shape`: 1 / (1 - p) where `dropout_keep_bits` keeps, else 0."""
-    return keep_flags(dropout_keep_bits(shape, p, device), shape).to(dtype).mul_(1.0 / (1.0 - p))
+    """Inverted-dropout multiplier of `shape`: 0 where `dropout_drops` drops, else 1 / (1 - p)."""
+    return zero_dropped(torch.full(shape, 1.0 / (1.0 - p), dtype=dtype, device=device),
+                        dropout_drops(shape, p, device))
 
 
-def dropout_keep_bits(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Which elements of `shape` inverted dropout keeps (each with probability 1 - p), packed 1 bit per
-    element (uint8, numpy.packbits' order); a function of the torch RNG state.
+def dropout_drops(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Which elements of `shape` inverted dropout drops (each with probability p); a function of the
+    torch RNG state. On CPU: their flat positions (int32 or int64, `_dropout_drops`); on other
+    devices: the kept ones as flags packed 8 per byte (uint8). `zero_dropped` applies either.
 
     On CPU torch draws Bernoulli samples at ~150 M/s on one core, about a quarter of the matmul each
     mask feeds; numpy's SFC64 is ~5x faster per 32-bit draw, and at low rates only the dropped
-    elements need a draw (`_keep_flags_from_gaps`). So one int64 seed is drawn from torch (the run's
-    seed, checkpoint replay and resume all still apply) and numpy expands it.
-    Elsewhere the device's own generator is fast and used directly. The packed form is what the
+    elements need a draw (`_dropped_positions_from_gaps`). So one int64 seed is drawn from torch (the
+    run's seed, checkpoint replay and resume all still apply) and numpy expands it. Positions also
+    apply faster than flags there: zeroing p * numel elements beats a uint8 x float product, which
+    torch's CPU kernels run unvectorised (benchmarks/NOTES.md, round 11).
+    Elsewhere the device's own generator is fast and used directly. Either form is what the
     selective checkpoint policy keeps for the replay."""
     numel = math.prod(shape)
     if _draws_on_host(device):
-        return _dropout_keep_bits(torch.randint(0, 2**62, (1,)), numel, p)
+        return _dropout_drops(torch.randint(0, 2**62, (1,)), numel, p)
     return _dropout_keep_bits_on_device(torch.empty(0, device=device), numel, p)
 
 
-def keep_flags(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """`dropout_keep_bits`' output unpacked: uint8 0 / 1 of `shape`, on the bits' device."""
-    numel = math.prod(shape)
-    if bits.device.type == "cpu" and type(bits) is torch.Tensor:  # numpy is faster; traced tensors use torch ops
-        return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel)).view(shape)
-    return unpack_bits(bits, numel).view(shape)
+def zero_dropped(t: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
+    """Sets the elements of `t` that `drops` (from `dropout_drops` for t's shape) drops to 0, in place;
+    t must be contiguous."""
+    if drops.dtype == torch.uint8:  # kept flags, packed
+        return t.mul_(unpack_bits(drops, t.numel()).view(t.shape))
+    t.view(-1)[drops] = 0  # positions: only the dropped elements are written
+    return t
 
 
 def _draws_on_host(device: torch.device) -> bool:

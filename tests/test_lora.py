@@ -23,7 +23,6 @@ from minilora.lora import (
     trainable_summary,
     unmerge_adapters,
 )
-from minilora.recompute import pack_bits
 from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
 
 FAMILIES = {"llama": lambda: tiny_llama_config(num_hidden_layers=2), "gemma": lambda: tiny_gemma_config()}
@@ -200,8 +199,8 @@ def test_parity_with_peft(family, variant, rslora, dropout, monkeypatch):
     # faster draw is tested in tests/test_recompute.py)
     monkeypatch.setattr(minilora.lora, "dropout_mask", lambda shape, p, device, dtype:
                         torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p) * (1 / (1 - p)))
-    monkeypatch.setattr(minilora.lora, "dropout_keep_bits", lambda shape, p, device:  # plain LoRA's op
-                        pack_bits(torch.empty(shape, device=device).bernoulli_(1 - p).bool().flatten()))
+    monkeypatch.setattr(minilora.lora, "dropout_drops", lambda shape, p, device:  # plain LoRA's op: positions
+                        torch.empty(shape, device=device).bernoulli_(1 - p).flatten().eq(0).nonzero().flatten())
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, set_peft_model_state_dict
 

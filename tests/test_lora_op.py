@@ -11,16 +11,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from minilora.lora import DoRALinear, LoRALinear
 from minilora.lora_op import lora_linear
 from minilora.quant import NF4Linear
-from minilora.recompute import dropout_keep_bits, keep_flags
+from minilora.recompute import dropout_drops, zero_dropped
 
 from .test_recompute import OpCounter
 
 
-def _composed(x, weight, lora_A, lora_B, keep_bits, p, scale):
+def _composed(x, weight, lora_A, lora_B, drops, p, scale):
     """LoRA as autograd ops: base + scale * B(A(dropout(x)))."""
     adapter_in = x.float()
-    if keep_bits is not None:
-        adapter_in = adapter_in * keep_flags(keep_bits, x.shape).float() / (1 - p)
+    if drops is not None:
+        adapter_in = adapter_in * zero_dropped(torch.ones(x.shape), drops) / (1 - p)
     return (F.linear(x, weight).float() + scale * F.linear(F.linear(adapter_in, lora_A), lora_B)).to(x.dtype)
 
 
@@ -31,8 +31,8 @@ def _inputs(dtype=torch.float32, dropout=0.3, shape=(2, 5, 24), out=40, r=4, see
     lora_A = (torch.randn(r, shape[-1], generator=gen) * 0.2).requires_grad_()
     lora_B = (torch.randn(out, r, generator=gen) * 0.2).requires_grad_()
     torch.manual_seed(seed)
-    keep_bits = dropout_keep_bits(torch.Size(shape), dropout, torch.device("cpu")) if dropout else None
-    return x, weight, lora_A, lora_B, keep_bits, dropout, 1.5
+    drops = dropout_drops(torch.Size(shape), dropout, torch.device("cpu")) if dropout else None
+    return x, weight, lora_A, lora_B, drops, dropout, 1.5
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -54,9 +54,9 @@ def test_output_and_gradients_equal_the_composed_form(dropout, dtype):
 
 
 def test_an_input_that_wants_no_gradient_skips_both_input_gradient_products():
-    x, weight, lora_A, lora_B, keep_bits, p, scale = _inputs()
+    x, weight, lora_A, lora_B, drops, p, scale = _inputs()
     x = x.detach()  # as the first layer's q / k / v: their input comes from the frozen embeddings
-    y = lora_linear(x, weight, lora_A, lora_B, keep_bits, p, scale)[0]
+    y = lora_linear(x, weight, lora_A, lora_B, drops, p, scale)[0]
     with OpCounter() as counter:
         y.sum().backward()
     assert counter.counts.get("mm", 0) == 3, counter.counts  # dB, dh, dA: not dy @ W, not dh @ A

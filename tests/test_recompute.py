@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minilora.recompute
 from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
 from minilora.model import CausalLM
-from minilora.recompute import _keep_flags_from_gaps, checkpoint_context, dropout_mask, pack_bits, unpack_bits
+from minilora.recompute import (_dropped_positions_from_gaps, checkpoint_context, dropout_drops, dropout_mask,
+                                pack_bits, unpack_bits, zero_dropped)
 
 from .tiny import hf_model, nonzero_lora_B_, tiny_gemma_config, tiny_llama_config, twin
 
@@ -84,9 +85,9 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     attention = "_scaled_dot_product_flash_attention_for_cpu"
     assert results["full"][1].get(attention, 0) == model.config.num_layers  # replayed once per block
     assert results["selective"][1].get(attention, 0) == 0  # kept
-    # selective keeps the packed masks: its backward draws nothing; full draws each mask again, from
-    # the restored RNG state (the gradients above show they are the forward's masks)
-    draw = "dropout_keep_bits" if mask_draws == "host" else "dropout_keep_bits_on_device"
+    # selective keeps the masks (dropped positions or packed flags): its backward draws nothing; full
+    # draws each mask again, from the restored RNG state (the gradients above show they are the forward's)
+    draw = "dropout_drops" if mask_draws == "host" else "dropout_keep_bits_on_device"
     n_masks = sum(1 for n, _ in model.named_modules() if n.endswith("lora_dropout"))
     assert results["full"][1].get(draw, 0) == n_masks, results["full"][1]
     selective_ops = results["selective"][1]
@@ -111,17 +112,19 @@ def test_dropout_mask_rate_values_and_replay(mask_draws):
 
 
 def test_sparse_drop_draws_are_bernoulli_and_do_not_depend_on_the_round_size():
-    """Low rates draw the gaps between dropped elements (recompute._keep_flags_from_gaps)."""
-    flags = _keep_flags_from_gaps(np.random.Generator(np.random.SFC64(7)), 2_000_003, 0.05)
-    dropped = np.flatnonzero(~flags)
+    """Low rates draw the gaps between dropped elements (recompute._dropped_positions_from_gaps)."""
+    dropped = _dropped_positions_from_gaps(np.random.Generator(np.random.SFC64(7)), 2_000_003, 0.05)
+    flags = np.ones(2_000_003, dtype=bool)
+    flags[dropped] = False
+    assert np.all(np.diff(dropped) > 0) and dropped[0] >= 0 and dropped[-1] < flags.size
     assert abs(dropped.size / flags.size - 0.05) < 5 * (0.05 * 0.95 / flags.size) ** 0.5
     gaps = np.diff(dropped)  # geometric: P(gap = 1) = p, mean 1 / p
     assert abs((gaps == 1).mean() - 0.05) < 0.005 and abs(gaps.mean() - 20) < 0.5
     # independent neighbours: a dropped element's successor is dropped at the base rate
     assert abs((~flags[dropped[dropped < flags.size - 1] + 1]).mean() - 0.05) < 0.005
     # rounds of 3 gaps draw the same exponential stream as one round: the same flags
-    small_rounds = _keep_flags_from_gaps(np.random.Generator(np.random.SFC64(7)), 2_000_003, 0.05, batch=3)
-    assert np.array_equal(flags, small_rounds)
+    small_rounds = _dropped_positions_from_gaps(np.random.Generator(np.random.SFC64(7)), 2_000_003, 0.05, batch=3)
+    assert np.array_equal(dropped, small_rounds)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.9])  # both sides of SPARSE_DROP_RATE
@@ -138,12 +141,28 @@ def test_dropout_mask_odd_sizes_and_other_rates(p, mask_draws):
     assert 0.0 in tails and any(t > 0 for t in tails)
 
 
-@pytest.mark.parametrize("op,first", [("dropout_keep_bits", torch.tensor([5])),
+@pytest.mark.parametrize("op,first", [("dropout_drops", torch.tensor([5])),
                                       ("dropout_keep_bits_on_device", torch.empty(0))])
 def test_the_mask_ops_are_well_formed_torch_ops(op, first):
     """Schema, fake-tensor shapes (meta / compile) and autograd registration of the custom ops."""
     results = torch.library.opcheck(getattr(torch.ops.minilora, op).default, (first, 91, 0.5))
     assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])  # gaps and per-element draws
+def test_cpu_drops_are_positions_and_both_forms_zero_the_same_elements(p):
+    torch.manual_seed(3)
+    drops = dropout_drops(torch.Size((37, 29)), p, torch.device("cpu"))
+    assert drops.dtype == torch.int32 and drops.dim() == 1  # half of int64's memory, kept for the replay
+    assert drops.numel() > 0 and bool((drops[1:] > drops[:-1]).all()) and 0 <= drops.min() and drops.max() < 37 * 29
+    keep = torch.ones(37 * 29, dtype=torch.bool)
+    keep[drops.long()] = False
+    values = torch.randn(37, 29, generator=torch.Generator().manual_seed(4))
+    by_positions = zero_dropped(values.clone(), drops)
+    by_flags = zero_dropped(values.clone(), pack_bits(keep))  # the form device draws give
+    assert torch.equal(by_positions, values * keep.view(37, 29))
+    assert torch.equal(by_flags, by_positions)
+    assert minilora.recompute._position_dtype(2**31 + 1) == torch.int64  # positions past int32's range
 
 
 @pytest.mark.parametrize("count", [1, 8, 91, 1000])
