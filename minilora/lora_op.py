@@ -3,15 +3,15 @@
     y = x @ W.T + scale * h @ B.T        h = (x * keep) @ A.T / (1 - p)
 
 W (out, in) is frozen, A (r, in) and B (out, r) are the adapter, keep is inverted dropout's 0 / 1
-flags (given as `recompute.dropout_drops`: on CPU the dropped positions; None without dropout). `LoRALinear`
-composes the same map from autograd ops: five graph nodes and a float mask, and under selective
-checkpointing (recompute.py) the replay runs the two rank-r products, the mask and the add again,
-because only the frozen matmul's output is kept. As one op:
+flags, passed as `recompute.dropout_drops` (on CPU the dropped positions; None without dropout).
+`LoRALinear` composes the same map from autograd ops: five graph nodes and a float mask, and under
+selective checkpointing (recompute.py) the replay runs the two rank-r products, the mask and the add
+again, because only the frozen matmul's output is kept. As one op:
 
 * selective checkpointing keeps its outputs, y and h (r floats per token), in place of the frozen
   matmul's output: the replay recomputes nothing here;
-* the dropped elements of x (and of the input gradient) are set to 0 in a copy, and 1 / (1 - p) is
-  applied to the r-wide products: no float mask is made, kept or recomputed;
+* the dropped elements are set to 0 (in a copy of x; in place in the adapter's input gradient), and
+  1 / (1 - p) is applied to the r-wide products: no float mask is made, kept or recomputed;
 * backward is the four products LoRA needs and no more; the first layer's q / k / v, whose input
   (the frozen embeddings) wants no gradient, skip both input-gradient products:
 

@@ -122,7 +122,7 @@ def test_sparse_drop_draws_are_bernoulli_and_do_not_depend_on_the_round_size():
     assert abs((gaps == 1).mean() - 0.05) < 0.005 and abs(gaps.mean() - 20) < 0.5
     # independent neighbours: a dropped element's successor is dropped at the base rate
     assert abs((~flags[dropped[dropped < flags.size - 1] + 1]).mean() - 0.05) < 0.005
-    # rounds of 3 gaps draw the same exponential stream as one round: the same flags
+    # rounds of 3 gaps draw the same exponential stream as one round: the same positions
     small_rounds = _dropped_positions_from_gaps(np.random.Generator(np.random.SFC64(7)), 2_000_003, 0.05, batch=3)
     assert np.array_equal(dropped, small_rounds)
 
