@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
+from .heads_op import from_heads, to_heads
 from .norm_op import rms_norm_op
 from .positions import Selection, Unpadded
 from .recompute import checkpoint_context
@@ -75,12 +76,6 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tup
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 # ------------------------------------------------------------------------------------------- cache
 
 
@@ -132,25 +127,24 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """selection: queries only for those tokens (`mask` is then over its query grid); returns (M, hidden)."""
         tokens = x.shape[:-1]  # (B, T), or (N,) when unpadded
-        k = self.k_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*tokens, self.num_kv_heads, self.head_dim)
+        heads = lambda t, n: t.reshape(-1, n, self.head_dim)  # noqa: E731  token rows (N, n, hd)
+        rope = lambda c: c.reshape(-1, *c.shape[-2:])  # noqa: E731  (N, 1, hd), one row per token
+        k, v = heads(self.k_proj(x), self.num_kv_heads), heads(self.v_proj(x), self.num_kv_heads)
         if selection is None:
-            q, q_cos, q_sin = self.q_proj(x).view(*tokens, self.num_heads, self.head_dim), cos, sin
+            q, q_cos, q_sin = heads(self.q_proj(x), self.num_heads), cos, sin
         else:
             rows = selection.rows
-            q = self.q_proj(x.reshape(-1, x.shape[-1])[rows]).view(-1, self.num_heads, self.head_dim)
-            q_cos, q_sin = (c.reshape(-1, *c.shape[-2:])[rows] for c in (cos, sin))
+            q = heads(self.q_proj(x.reshape(-1, x.shape[-1])[rows]), self.num_heads)
+            q_cos, q_sin = (rope(c)[rows] for c in (cos, sin))
         if self.qk_norm:  # Gemma 3 normalises q and k over head_dim before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
-        if unpadded is not None:
-            k, v = unpadded.scatter(k), unpadded.scatter(v)
-            if selection is None:
-                q = unpadded.scatter(q)
+        # RoPE and the move to (B, heads, T, hd), zeros at padding, as one op each (heads_op.py)
+        layout = (None, *tokens) if unpadded is None else unpadded.layout
+        query_layout = layout if selection is None else selection.grid.layout
+        k = to_heads(k, rope(cos), rope(sin), *layout)
+        v = to_heads(v, None, None, *layout)
+        q = to_heads(q, rope(q_cos), rope(q_sin), *query_layout)
         batch = k.shape[0]
-        if selection is not None:  # (M, heads, hd) -> (B, width, heads, hd)
-            q = selection.grid.scatter(q)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if past is not None:
             past_k, past_v = past
             k = torch.cat((past_k.expand(batch, -1, -1, -1), k), dim=2)  # (B, n_kv, S + T, hd)
@@ -165,13 +159,10 @@ class Attention(nn.Module):
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
-        out = out.transpose(1, 2)  # (B, T, heads, hd)
-        if selection is not None:
-            out = selection.grid.gather(out)  # (M, heads, hd)
-            return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), present
-        if unpadded is not None:
-            out = unpadded.gather(out)
-        return self.o_proj(out.reshape(*tokens, self.num_heads * self.head_dim)), present
+        query_index = query_layout[0]
+        if query_index is None:  # (B, heads, T, hd) -> (B, T, hidden)
+            return self.o_proj(out.transpose(1, 2).reshape(*tokens, self.num_heads * self.head_dim)), present
+        return self.o_proj(from_heads(out, query_index)), present  # (N or M, hidden)
 
 
 def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:

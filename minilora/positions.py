@@ -27,6 +27,11 @@ class Unpadded:
     def of(cls, valid: Tensor) -> Unpadded:
         return cls(valid.reshape(-1).nonzero().squeeze(1), valid.shape[0], valid.shape[1])
 
+    @property
+    def layout(self) -> tuple[Tensor, int, int]:
+        """(index, batch, length), as `heads_op.to_heads` takes them."""
+        return self.index, self.batch, self.length
+
     def gather(self, x: Tensor) -> Tensor:
         """(B, T, ...) -> (N, ...)"""
         return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
