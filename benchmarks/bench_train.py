@@ -42,7 +42,7 @@ from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, machin
 
 STACKS = ("minilora", "reference")
 MALLOC_CHOICES = ("cli", "same", "system")
-POLICIES = ("selective", "full")  # minilora.recompute.CHECKPOINT_POLICIES (the driver does not import torch)
+POLICIES = ("selective", "full", "mlp")  # minilora.recompute.CHECKPOINT_POLICIES (the driver does not import torch)
 SMOKE_CONFIGS = "selective,full+share+qlora+once"
 MODIFIERS = {"share": ("--share-prefix", "shared prefix"), "qlora": ("--qlora", "QLoRA"),
              "once": ("--dequantize-once", "dequantize once per step")}  # name -> (worker flag, label)

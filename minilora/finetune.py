@@ -72,7 +72,9 @@ class RunConfig:
                                        "the step (fewer dequantizations; holds the block weights in the compute dtype)")
     gradient_checkpointing: bool = opt(True, "recompute each block in backward to save memory")
     checkpoint_policy: str = opt("selective", "what checkpointing keeps: selective = also the frozen projections' "
-                                              "outputs (faster, more memory); full = only each block's input",
+                                              "outputs (faster, more memory); full = only each block's input; "
+                                              "mlp = selective on the MLP half only, attention not checkpointed "
+                                              "(fastest, most memory)",
                                  choices=list(CHECKPOINT_POLICIES))
     share_prefix: bool = opt(False, "compute the shared instruction prefix once per micro-batch (exact)")
     class_weights: str = opt("none", "per-example loss weights by class", choices=["none", "balanced"])

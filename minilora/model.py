@@ -209,16 +209,24 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
-        unpadded: Unpadded | None = None, selection: Selection | None = None,
+        unpadded: Unpadded | None = None, selection: Selection | None = None, feed_forward_context=None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """feed_forward_context: checkpoint only the feed-forward half, with this `context_fn` (the
+        "mlp" policy); attention keeps its activations."""
         attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded, selection)
         if selection is not None:  # from here on the residual stream is needed at the selected tokens only
             x = x.reshape(-1, x.shape[-1])[selection.rows]
+        x = x + (self.post_attention_layernorm(attn_out) if self.sandwich else attn_out)
+        if feed_forward_context is None:
+            return x + self.feed_forward(x), present
+        return x + checkpoint(self.feed_forward, x, use_reentrant=False, context_fn=feed_forward_context,
+                              preserve_rng_state=True), present
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The MLP with its norms: Llama's `post_attention_layernorm` before it, Gemma's two around it."""
         if self.sandwich:
-            x = x + self.post_attention_layernorm(attn_out)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
-        x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 # ------------------------------------------------------------------------------------------- masks
@@ -281,7 +289,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.checkpoint_policy = "full"  # or "selective": also keep the frozen projections' outputs
+        self.checkpoint_policy = "full"  # or "selective" / "mlp" (recompute.CHECKPOINT_POLICIES)
         self._inv_freq: dict[tuple[str, torch.device], Tensor] = {}
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -376,7 +384,9 @@ class CausalLM(nn.Module):
             past = cache.layers[index] if cache is not None else None
             chosen = selection if index == last else None
             mask = selection_mask if chosen is not None else masks[kind]
-            if checkpointing:
+            if checkpointing and self.checkpoint_policy == "mlp":
+                h, present = layer(h, cos, sin, mask, past, unpadded, chosen, feed_forward_context=context_fn)
+            elif checkpointing:
                 h, present = checkpoint(  # the RNG restore replays the same dropout masks ("full")
                     layer, h, cos, sin, mask, past, unpadded, chosen,
                     use_reentrant=False, context_fn=context_fn, preserve_rng_state=True,

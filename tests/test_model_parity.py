@@ -127,7 +127,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
 
 @pytest.mark.parametrize("name", ["llama-untied", "gemma3"])
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+@pytest.mark.parametrize("policy", ["none", "full", "selective", "mlp"])
 def test_unpadded_forward_and_gradients_equal_padded(name, side, policy):
     """Running the dense layers on the real tokens only changes nothing at the real tokens: logits,
     and every gradient, with and without checkpointing; padding never reaches a projection."""

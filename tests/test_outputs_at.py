@@ -85,7 +85,7 @@ def test_selected_outputs_after_a_shared_prefix_cache_and_the_cache_stays_comple
             torch.testing.assert_close(v_part, v_full, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+@pytest.mark.parametrize("policy", ["none", "full", "selective", "mlp"])
 def test_lora_gradients_equal_the_full_forward(policy):
     torch.manual_seed(0)
     model = _model("gemma3-sliding-last")

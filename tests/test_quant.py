@@ -120,11 +120,11 @@ def _qlora_minilora_model():
     return model.train()
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+@pytest.mark.parametrize("policy", ["none", "full", "selective", "mlp"])
 def test_dequantizations_per_step(monkeypatch, policy):
     """Each NF4 weight is dequantized once per forward and kept for its backward (bitsandbytes'
-    matmul_4bit: again in backward), once more in a checkpoint replay, and once per optimizer step
-    inside `dequantize_once` -- with gradients identical in every case."""
+    matmul_4bit: again in backward), once more in a checkpoint replay (for "mlp", the MLP's weights
+    only), and once per optimizer step inside `dequantize_once` -- with gradients identical in every case."""
     from minilora.prompts import Batch
     from minilora.trainer import accumulate_gradients
 
@@ -133,6 +133,8 @@ def test_dequantizations_per_step(monkeypatch, policy):
     model.checkpoint_policy = "full" if policy == "none" else policy
     n_weights = sum(isinstance(m, NF4Linear) for m in model.modules())
     assert n_weights == 14
+    n_mlp_weights = sum(isinstance(m, NF4Linear) for name, m in model.named_modules() if ".mlp." in name)
+    assert n_mlp_weights == 6  # "mlp" replays only the feed-forward half
     calls = []
     real = bnbF.dequantize_4bit
     monkeypatch.setattr(bnbF, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -146,8 +148,8 @@ def test_dequantizations_per_step(monkeypatch, policy):
         calls.clear()
         torch.manual_seed(5)  # same dropout masks in both runs
         accumulate_gradients(model, micro_batches, torch.device("cpu"), dequantize_once=once)
-        per_micro_batch = 1 if policy == "none" else 2
-        assert len(calls) == (n_weights if once else 2 * per_micro_batch * n_weights)
+        replayed = {"none": 0, "full": n_weights, "selective": n_weights, "mlp": n_mlp_weights}[policy]
+        assert len(calls) == (n_weights if once else 2 * (n_weights + replayed))  # 2 micro-batches
         grads[once] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         assert all(m._dequantized is None for m in model.modules() if isinstance(m, NF4Linear))  # freed
     for name, grad in grads[False].items():

@@ -68,7 +68,7 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     ids = torch.randint(3, 150, (3, 20), generator=torch.Generator().manual_seed(1))
     reference, plain_ops, next_draw = _step(model, "none", ids)
     assert len(reference) == len(adapter_parameters(model))
-    results = {mode: _step(model, mode, ids) for mode in ("full", "selective")}
+    results = {mode: _step(model, mode, ids) for mode in ("full", "selective", "mlp")}
     for mode, (grads, _, after) in results.items():
         assert after == next_draw, mode
         assert grads.keys() == reference.keys()
@@ -92,6 +92,16 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     assert results["full"][1].get(draw, 0) == n_masks, results["full"][1]
     selective_ops = results["selective"][1]
     assert selective_ops.get(draw, 0) == 0 and selective_ops.get("randint", 0) == 0, selective_ops
+    # mlp: selective on the feed-forward half only; the attention half is never replayed, so backward
+    # runs no more of its forward ops (RoPE and layout, the input norm) than no checkpointing does
+    mlp_ops = results["mlp"][1]
+    assert mlp_ops.get("mm", 0) == plain_ops["mm"] and mlp_ops.get("lora_linear", 0) == 0
+    assert mlp_ops.get(draw, 0) == 0 and mlp_ops.get(attention, 0) == 0
+    assert mlp_ops.get("to_heads", 0) == plain_ops.get("to_heads", 0) == 0
+    assert selective_ops.get("to_heads", 0) == 3 * model.config.num_layers  # q, k, v replayed per block
+    activation = "gelu" if model.config.mlp_activation == "gelu_tanh" else "silu"
+    assert mlp_ops.get(activation, 0) == selective_ops.get(activation, 0) == model.config.num_layers
+    assert plain_ops.get(activation, 0) == 0
 
 
 def test_dropout_mask_rate_values_and_replay(mask_draws):
