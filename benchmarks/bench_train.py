@@ -1,6 +1,6 @@
 """Training-step benchmark: minilora vs the reference stack (transformers + peft) on one workload.
 
-    python benchmarks/bench_train.py --model gemma-3-270m --configs selective,full,selective+share --json out.json
+    python benchmarks/bench_train.py --model gemma-3-270m --configs mlp,selective,full,mlp+share --json out.json
     python benchmarks/bench_train.py --smoke          # 2 steps on 16 rows, one round (CI)
 
 Both stacks train LoRA adapters on the same checkpoint folder, the same FinancialPhraseBank training
@@ -43,7 +43,7 @@ from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, machin
 STACKS = ("minilora", "reference")
 MALLOC_CHOICES = ("cli", "same", "system")
 POLICIES = ("selective", "full", "mlp")  # minilora.recompute.CHECKPOINT_POLICIES (the driver does not import torch)
-SMOKE_CONFIGS = "selective,full+share+qlora+once"
+SMOKE_CONFIGS = "mlp,selective,full+share+qlora+once"
 MODIFIERS = {"share": ("--share-prefix", "shared prefix"), "qlora": ("--qlora", "QLoRA"),
              "once": ("--dequantize-once", "dequantize once per step")}  # name -> (worker flag, label)
 
@@ -71,11 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"], help="as train.py")
     p.add_argument("--configs", default=None,
                    help="comma-separated minilora configurations, each run against the same reference: a "
-                        "checkpoint policy (selective, full), then optional modifiers: +share (shared instruction "
+                        "checkpoint policy (mlp, selective, full), then optional modifiers: +share (shared instruction "
                         "prefix, which the reference cannot do), +qlora (NF4 base), +once (with +qlora: "
-                        "--dequantize-once), e.g. selective,full,selective+share,selective+qlora+once; "
-                        f"default selective (--smoke: {SMOKE_CONFIGS}, every code path)")
-    p.add_argument("--checkpoint-policy", default="selective", choices=POLICIES, help=argparse.SUPPRESS)
+                        "--dequantize-once), e.g. mlp,selective,full,mlp+share,mlp+qlora+once; "
+                        f"default mlp (--smoke: {SMOKE_CONFIGS}, every code path)")
+    p.add_argument("--checkpoint-policy", default="mlp", choices=POLICIES, help=argparse.SUPPRESS)
     p.add_argument("--share-prefix", action="store_true", help=argparse.SUPPRESS)  # worker side of +share
     p.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)  # worker side of +qlora
     p.add_argument("--dequantize-once", action="store_true", help=argparse.SUPPRESS)  # worker side of +once
@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup >= args.steps:
         p.error(f"--warmup {args.warmup} leaves no timed step out of --steps {args.steps}")
     if args.configs is None:
-        args.configs = SMOKE_CONFIGS if args.smoke else "selective"
+        args.configs = SMOKE_CONFIGS if args.smoke else "mlp"
     args.configs = [parse_config(c.strip(), p) for c in args.configs.split(",") if c.strip()]
     return args
 

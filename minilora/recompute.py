@@ -15,11 +15,12 @@ activations. Three policies:
   e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
   Its per-op dispatch costs more than drawing the masks again, which is why "full" does not use it
   just to keep them (benchmarks/NOTES.md, round 6).
-* "mlp": "selective" on each block's feed-forward half only (its norms and the MLP, whose
-  intermediates are the widest); the attention half is not checkpointed. Its ops then run once,
-  not again in a replay under the dispatch mode, at the cost of keeping what its backward needs
-  (normed input, q / k / v in attention's layout, the attention output): +0.06 MB per token for
-  SmolLM2-135M, 8 % more peak RSS in the benchmark, and 5-10 % less time per step on a 2-core CPU
+* "mlp" (train.py's default): "selective" on each block's feed-forward half only (its norms and
+  the MLP, whose intermediates are the widest); the attention half is not checkpointed. Its ops
+  then run once, not again in a replay under the dispatch mode, and what its backward needs is kept
+  instead of the attention projections' outputs: the normed input, q / k / v in attention's padded
+  layout and the attention output as token rows, about one more q-width per token and layer than
+  "selective". In the benchmark: 8-11 % less time per step than "selective", 4-7 % more peak RSS
   (benchmarks/NOTES.md, round 12).
 
 The result is identical to no checkpointing in every case (tests/test_recompute.py).
