@@ -91,8 +91,13 @@ def test_accumulation_4x2_equals_batch_8_weighted_by_tokens(tiny_dir):
     assert not all(torch.allclose(p.grad, g, rtol=1e-3, atol=1e-6) for p, g in zip(params, grads[0]))
 
 
-def test_shared_prefix_accumulation_equals_plain(tiny_dir):
+@pytest.mark.parametrize("policy", ["none", "full", "selective", "mlp"])
+def test_shared_prefix_accumulation_equals_plain(tiny_dir, policy):
+    """Gradients flow into the adapters through the prefix's keys / values under every checkpoint policy."""
     model, tok, examples = _model_and_examples(tiny_dir)
+    model.gradient_checkpointing = policy != "none"
+    model.checkpoint_policy = "full" if policy == "none" else policy
+    model.train()  # checkpointing applies in training mode only
     params = adapter_parameters(model)
     grads = []
     for share in (False, True):
