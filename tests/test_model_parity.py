@@ -183,3 +183,24 @@ def test_attention_softcap_matches_explicit_formula():
     # a huge cap is the identity: the explicit path then equals SDPA
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     torch.testing.assert_close(_softcapped_attention(q, k, v, None, scale, 1e9), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_softcap_path_in_the_model_equals_sdpa_at_a_huge_cap():
+    """The model's soft-capped attention branch (Gemma 2 style configs) on a padded, unpadded batch and
+    with a selection: with a cap far above every score it is the plain SDPA model, logits and gradients."""
+    _, plain = _pair("gemma3")
+    capped = _pair("gemma3")[1]
+    capped.load_state_dict(plain.state_dict())
+    for layer in capped.model.layers:
+        layer.self_attn.softcap = 1e9
+    ids, mask = ragged_batch([11, 6, 9], "right", torch.Generator().manual_seed(9))
+    last = torch.arange(3) * ids.shape[1] + mask.sum(1) - 1
+    results = []
+    for model in (plain, capped):
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask, logits_at=last).logits
+        logits.logsumexp(-1).sum().backward()
+        results.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert results[0][1].abs().sum() > 0
