@@ -14,6 +14,7 @@ strict key-by-key copy (see `checkpoint.py`). The forward pass can
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,23 +128,22 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """selection: queries only for those tokens (`mask` is then over its query grid); returns (M, hidden)."""
         tokens = x.shape[:-1]  # (B, T), or (N,) when unpadded
-        heads = lambda t, n: t.reshape(-1, n, self.head_dim)  # noqa: E731  token rows (N, n, hd)
-        rope = lambda c: c.reshape(-1, *c.shape[-2:])  # noqa: E731  (N, 1, hd), one row per token
-        k, v = heads(self.k_proj(x), self.num_kv_heads), heads(self.v_proj(x), self.num_kv_heads)
+        k = _token_rows(self.k_proj(x), self.num_kv_heads, self.head_dim)
+        v = _token_rows(self.v_proj(x), self.num_kv_heads, self.head_dim)
         if selection is None:
-            q, q_cos, q_sin = heads(self.q_proj(x), self.num_heads), cos, sin
+            q, q_cos, q_sin = _token_rows(self.q_proj(x), self.num_heads, self.head_dim), cos, sin
         else:
             rows = selection.rows
-            q = heads(self.q_proj(x.reshape(-1, x.shape[-1])[rows]), self.num_heads)
-            q_cos, q_sin = (rope(c)[rows] for c in (cos, sin))
+            q = _token_rows(self.q_proj(x.reshape(-1, x.shape[-1])[rows]), self.num_heads, self.head_dim)
+            q_cos, q_sin = (_token_rows(c, 1, self.head_dim)[rows] for c in (cos, sin))
         if self.qk_norm:  # Gemma 3 normalises q and k over head_dim before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE and the move to (B, heads, T, hd), zeros at padding, as one op each (heads_op.py)
         layout = (None, *tokens) if unpadded is None else unpadded.layout
         query_layout = layout if selection is None else selection.grid.layout
-        k = to_heads(k, rope(cos), rope(sin), *layout)
+        k = to_heads(k, _token_rows(cos, 1, self.head_dim), _token_rows(sin, 1, self.head_dim), *layout)
         v = to_heads(v, None, None, *layout)
-        q = to_heads(q, rope(q_cos), rope(q_sin), *query_layout)
+        q = to_heads(q, _token_rows(q_cos, 1, self.head_dim), _token_rows(q_sin, 1, self.head_dim), *query_layout)
         batch = k.shape[0]
         if past is not None:
             past_k, past_v = past
@@ -163,6 +163,11 @@ class Attention(nn.Module):
         if query_index is None:  # (B, heads, T, hd) -> (B, T, hidden)
             return self.o_proj(out.transpose(1, 2).reshape(*tokens, self.num_heads * self.head_dim)), present
         return self.o_proj(from_heads(out, query_index)), present  # (N or M, hidden)
+
+
+def _token_rows(t: Tensor, heads: int, head_dim: int) -> Tensor:
+    """(..., heads * head_dim), one row per token -> (N, heads, head_dim); RoPE's cos / sin as heads = 1."""
+    return t.reshape(-1, heads, head_dim)
 
 
 def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:
@@ -209,7 +214,8 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
-        unpadded: Unpadded | None = None, selection: Selection | None = None, feed_forward_context=None,
+        unpadded: Unpadded | None = None, selection: Selection | None = None,
+        feed_forward_context: Callable | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """feed_forward_context: checkpoint only the feed-forward half, with this `context_fn` (the
         "mlp" policy); attention keeps its activations."""
