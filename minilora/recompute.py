@@ -20,7 +20,7 @@ activations. Three policies:
   then run once, not again in a replay under the dispatch mode, and what its backward needs is kept
   instead of the attention projections' outputs: the normed input, q / k / v in attention's padded
   layout and the attention output as token rows, about one more q-width per token and layer than
-  "selective". In the benchmark: 8-11 % less time per step than "selective", 4-7 % more peak RSS
+  "selective". In the benchmark: 3-10 % less time per step than "selective", 4-7 % more peak RSS
   (benchmarks/NOTES.md, round 12).
 
 The result is identical to no checkpointing in every case (tests/test_recompute.py).
