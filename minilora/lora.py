@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora_op import lora_linear
+from .lora_op import gated_lora_linear, lora_linear
 from .quant import NF4Linear
 from .recompute import dropout_drops, dropout_mask
 
@@ -114,9 +114,24 @@ class LoRALinear(nn.Module):
         x = x.to(self.lora_A.weight.dtype)
         return (result + self.adapter_output(x, result)).to(result.dtype)
 
+    def gated_forward(self, gate: Tensor, up: Tensor, gelu: bool) -> Tensor:
+        """self(act(gate) * up) for the gated MLP's down projection, as `lora_op.gated_lora_linear`: its
+        backward recomputes the product instead of keeping it (see `fuses_gated_product`)."""
+        if not self.fuses_gated_product():
+            raise RuntimeError(f"gated_forward: this {type(self).__name__} does not run as one op "
+                               f"(base {type(self.base_layer).__name__}, merged={self.merged}); "
+                               "call it on act(gate) * up instead")
+        drops, p = self._dropout_drops(gate)
+        return gated_lora_linear(gate, up, gelu, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
+                                 drops, p, self.scale)[0]
+
     def adapter_output(self, x: Tensor, base_result: Tensor) -> Tensor:
         """The term added to the base output; x is already fp32."""
         return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)  # scale the r-wide product
+
+    def fuses_gated_product(self) -> bool:
+        """Whether `gated_forward` applies: wherever `forward` runs as one op."""
+        return self._runs_as_one_op()
 
     def _runs_as_one_op(self) -> bool:
         """Plain LoRA on a dense, bias-free base runs as `lora_op.lora_linear` (same result, fewer

@@ -1,4 +1,4 @@
-"""A LoRA-wrapped linear layer as one op with a hand-written backward.
+"""A LoRA-wrapped linear layer as one op with a hand-written backward; and the gated MLP's down projection.
 
     y = x @ W.T + scale * h @ B.T        h = (x * keep) @ A.T / (1 - p)
 
@@ -19,6 +19,13 @@ again, because only the frozen matmul's output is kept. As one op:
       dx = dy @ W + (dh @ A / (1 - p)) * keep
 
 The result equals the composed form to float rounding (tests/test_lora_op.py).
+
+`gated_lora_linear` is the same op for the gated MLP's down projection, taking gate and up instead of
+x = act(gate) * up. Composed, autograd keeps act(gate) and x for backward, two intermediate-wide
+tensors per token; this op keeps gate and up only (kept anyway, as the inputs of the activation's and
+the product's gradients) and recomputes x in backward: one activation and one product, each a pass
+over the intermediate width. It is how the "mlp" checkpoint policy (recompute.py) saves memory
+without replaying blocks. Its values and gradients are bit-identical to the composed form.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ from .recompute import keep_outputs_of, zero_dropped
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: Optional[Tensor],
                 p: float, scale: float) -> tuple[Tensor, Tensor]:
     """(y, h): the layer's output (..., out) in x's dtype, and h (..., r) in the adapter's dtype."""
+    return _forward(x, weight, lora_A, lora_B, drops, p, scale)
+
+
+def _forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: Tensor | None, p: float,
+             scale: float) -> tuple[Tensor, Tensor]:
     base = torch.nn.functional.linear(x, weight)  # (..., out)
     h = torch.mm(_adapter_input(x, lora_A.dtype, drops), lora_A.t())  # (N, r)
     if drops is not None:
@@ -73,14 +85,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
     x, weight, lora_A, lora_B, drops, h = ctx.saved_tensors
     need_x, _, need_A, need_B = ctx.needs_input_grad[:4]
-    inverse_keep = 1.0 / (1.0 - ctx.p) if drops is not None else 1.0
+    grad_x, grad_A, grad_B = _gradients(grad_y, x, weight, lora_A, lora_B, drops, h, ctx.p, ctx.scale,
+                                        need_x, need_A, need_B)
+    return grad_x, None, grad_A, grad_B, None, None, None
+
+
+def _gradients(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: Tensor | None,
+               h: Tensor, p: float, scale: float, need_x: bool, need_A: bool, need_B: bool):
+    """(grad_x, grad_A, grad_B) of the layer, each None where not needed."""
+    inverse_keep = 1.0 / (1.0 - p) if drops is not None else 1.0
     dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
     dy_adapter = dy.to(lora_B.dtype)
     grad_x = grad_A = grad_B = None
     if need_B:
-        grad_B = (dy_adapter.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scale)  # (out, r)
+        grad_B = (dy_adapter.t() @ h.reshape(-1, h.shape[-1])).mul_(scale)  # (out, r)
     if need_A or need_x:
-        dh = (dy_adapter @ lora_B).mul_(ctx.scale)  # (N, r)
+        dh = (dy_adapter @ lora_B).mul_(scale)  # (N, r)
         if need_A:
             grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, drops)).mul_(inverse_keep)  # (r, in)
         if need_x:
@@ -93,7 +113,7 @@ def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
             else:
                 grad_x = grad_x.float().add_(grad_adapter_in)
             grad_x = grad_x.to(x.dtype).view(x.shape)
-    return grad_x, None, grad_A, grad_B, None, None, None
+    return grad_x, grad_A, grad_B
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -106,3 +126,62 @@ def _lora_linear_flops(x_shape, weight_shape, a_shape, *args, **kwargs) -> int:
     out_features, in_features = weight_shape
     r = a_shape[0]
     return 2 * math.prod(x_shape[:-1]) * (in_features * out_features + r * in_features + r * out_features)
+
+
+@torch.library.custom_op("minilora::gated_lora_linear", mutates_args=())
+def gated_lora_linear(gate: Tensor, up: Tensor, gelu: bool, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                      drops: Optional[Tensor], p: float, scale: float) -> tuple[Tensor, Tensor]:
+    """`lora_linear` of the gated MLP's product x = act(gate) * up (act: tanh-GELU if `gelu`, else SiLU),
+    i.e. its down projection, with x recomputed in backward from gate and up instead of kept: the
+    activation and the product, two intermediate-wide tensors per token, are never saved."""
+    return _forward(_gated_product(gate, up, gelu), weight, lora_A, lora_B, drops, p, scale)
+
+
+def _activation(gate: Tensor, gelu: bool) -> Tensor:
+    """tanh-GELU (Gemma) or SiLU (Llama) of the gate projection, as MLP.forward applies it."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
+
+
+def _gated_product(gate: Tensor, up: Tensor, gelu: bool) -> Tensor:
+    return _activation(gate, gelu) * up  # MLP.forward's own ops: the same values
+
+
+@gated_lora_linear.register_fake
+def _(gate, up, gelu, weight, lora_A, lora_B, drops, p, scale):
+    return (gate.new_empty((*gate.shape[:-1], weight.shape[0])),
+            gate.new_empty((*gate.shape[:-1], lora_A.shape[0]), dtype=lora_A.dtype))
+
+
+def _gated_setup_context(ctx, inputs, output):
+    gate, up, gelu, weight, lora_A, lora_B, drops, p, scale = inputs
+    ctx.gelu, ctx.p, ctx.scale = gelu, p, scale
+    ctx.save_for_backward(gate, up, weight, lora_A, lora_B, drops, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _gated_backward(ctx, grad_y: Tensor, _grad_h: Tensor):
+    gate, up, weight, lora_A, lora_B, drops, h = ctx.saved_tensors
+    need_gate, need_up, _, _, need_A, need_B = ctx.needs_input_grad[:6]
+    activated = _activation(gate, ctx.gelu)  # the recomputation
+    product = activated * up
+    grad_x, grad_A, grad_B = _gradients(grad_y, product, weight, lora_A, lora_B, drops, h, ctx.p, ctx.scale,
+                                        need_gate or need_up, need_A, need_B)
+    del product
+    grad_gate = grad_up = None
+    if grad_x is not None:  # autograd's own backward of act(gate) * up, op for op
+        if need_up:
+            grad_up = grad_x * activated
+        if need_gate:
+            grad_activated = grad_x * up
+            grad_gate = (torch.ops.aten.gelu_backward(grad_activated, gate, approximate="tanh") if ctx.gelu
+                         else torch.ops.aten.silu_backward(grad_activated, gate))
+    return grad_gate, grad_up, None, None, grad_A, grad_B, None, None, None
+
+
+gated_lora_linear.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+keep_outputs_of(torch.ops.minilora.gated_lora_linear.default)
+
+
+@register_flop_formula(torch.ops.minilora.gated_lora_linear)
+def _gated_lora_linear_flops(gate_shape, up_shape, gelu, weight_shape, a_shape, *args, **kwargs) -> int:
+    return _lora_linear_flops(gate_shape, weight_shape, a_shape)

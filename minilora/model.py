@@ -190,10 +190,20 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gelu = cfg.mlp_activation == "gelu_tanh"
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_proj(x)
+    def forward(self, x: Tensor, recompute_product: bool = False) -> Tensor:
+        """recompute_product: backward recomputes act(gate) * up instead of keeping it and act(gate)
+        (needs `recomputes_product()`)."""
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if recompute_product:
+            return self.down_proj.gated_forward(gate, up, self.gelu)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
+
+    def recomputes_product(self) -> bool:
+        """Whether the down projection takes (gate, up) in one op that recomputes their product in
+        backward (`lora.LoRALinear.gated_forward`: an adapter on a dense base)."""
+        fuses = getattr(self.down_proj, "fuses_gated_product", None)
+        return fuses is not None and fuses()
 
 
 class DecoderLayer(nn.Module):
@@ -215,24 +225,25 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
         unpadded: Unpadded | None = None, selection: Selection | None = None,
-        feed_forward_context: Callable | None = None,
+        feed_forward_context: Callable | None = None, recompute_mlp_product: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """feed_forward_context: checkpoint only the feed-forward half, with this `context_fn` (the
-        "mlp" policy); attention keeps its activations."""
+        """The "mlp" policy (recompute.py): recompute_mlp_product has the MLP's backward recompute its
+        gated product; feed_forward_context, where it cannot, checkpoints the feed-forward half with this
+        `context_fn`. Attention keeps its activations in both cases."""
         attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded, selection)
         if selection is not None:  # from here on the residual stream is needed at the selected tokens only
             x = x.reshape(-1, x.shape[-1])[selection.rows]
         x = x + (self.post_attention_layernorm(attn_out) if self.sandwich else attn_out)
         if feed_forward_context is None:
-            return x + self.feed_forward(x), present
+            return x + self.feed_forward(x, recompute_mlp_product), present
         return x + checkpoint(self.feed_forward, x, use_reentrant=False, context_fn=feed_forward_context,
                               preserve_rng_state=True), present
 
-    def feed_forward(self, x: Tensor) -> Tensor:
+    def feed_forward(self, x: Tensor, recompute_mlp_product: bool = False) -> Tensor:
         """The MLP with its norms: Llama's `post_attention_layernorm` before it, Gemma's two around it."""
         if self.sandwich:
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return self.mlp(self.post_attention_layernorm(x))
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), recompute_mlp_product))
+        return self.mlp(self.post_attention_layernorm(x), recompute_mlp_product)
 
 
 # ------------------------------------------------------------------------------------------- masks
@@ -391,7 +402,10 @@ class CausalLM(nn.Module):
             chosen = selection if index == last else None
             mask = selection_mask if chosen is not None else masks[kind]
             if checkpointing and self.checkpoint_policy == "mlp":
-                h, present = layer(h, cos, sin, mask, past, unpadded, chosen, feed_forward_context=context_fn)
+                if layer.mlp.recomputes_product():
+                    h, present = layer(h, cos, sin, mask, past, unpadded, chosen, recompute_mlp_product=True)
+                else:  # e.g. an NF4 or unadapted down projection
+                    h, present = layer(h, cos, sin, mask, past, unpadded, chosen, feed_forward_context=context_fn)
             elif checkpointing:
                 h, present = checkpoint(  # the RNG restore replays the same dropout masks ("full")
                     layer, h, cos, sin, mask, past, unpadded, chosen,

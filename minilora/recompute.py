@@ -15,13 +15,16 @@ activations. Three policies:
   e.g. 0.5 MB per token for Gemma 3 270M in fp32 (vs 46 KB for "full").
   Its per-op dispatch costs more than drawing the masks again, which is why "full" does not use it
   just to keep them (benchmarks/NOTES.md, round 6).
-* "mlp" (train.py's default): "selective" on each block's feed-forward half only (its norms and
-  the MLP, whose intermediates are the widest); the attention half is not checkpointed. Its ops
-  then run once, not again in a replay under the dispatch mode, and what its backward needs is kept
-  instead of the attention projections' outputs: the normed input, q / k / v in attention's padded
-  layout and the attention output as token rows, about one more q-width per token and layer than
-  "selective". In the benchmark: 3-10 % less time per step than "selective", 4-7 % more peak RSS
-  (benchmarks/NOTES.md, round 12).
+* "mlp" (train.py's default): no block is replayed. Backward recomputes only the MLP's gated product
+  act(gate) * up, inside its down projection's op (`lora_op.gated_lora_linear`), which therefore keeps
+  gate and up but neither act(gate) nor the product: two intermediate-wide tensors per token and
+  layer less than no checkpointing. Everything else backward needs is kept, e.g. the normed inputs,
+  q / k / v in attention's padded layout and the attention output as token rows. Where the down
+  projection has no such op (an NF4 base, a DoRA adapter) it falls back to "selective" on the
+  feed-forward half (its norms and the MLP). In the benchmark: 6-9 % (SmolLM2) and 3-8 % (Gemma)
+  less time per step than round 12's "mlp" (selective on the feed-forward half) at the same peak
+  RSS, which was itself 3-10 % faster than "selective" for 4-7 % more peak RSS (benchmarks/NOTES.md,
+  rounds 12 and 13).
 
 The result is identical to no checkpointing in every case (tests/test_recompute.py).
 """

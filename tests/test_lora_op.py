@@ -1,4 +1,4 @@
-"""The LoRA linear op with its hand-written backward (minilora/lora_op.py) against the composed form."""
+"""The LoRA linear ops with their hand-written backwards (minilora/lora_op.py) against the composed form."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from minilora.lora import DoRALinear, LoRALinear
-from minilora.lora_op import lora_linear
+from minilora.lora_op import gated_lora_linear, lora_linear
 from minilora.quant import NF4Linear
 from minilora.recompute import dropout_drops, zero_dropped
 
@@ -113,3 +113,71 @@ def test_lora_layer_with_dropout_equals_its_composed_form():
     for ours, composed in zip(*outputs):
         torch.testing.assert_close(ours, composed, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outputs[0][0], layer.base_layer(x) + layer.scale * layer.lora_B(layer.lora_A(x)))
+
+
+def _gated_inputs(gelu: bool, dropout: float, dtype=torch.float32, intermediate=24, seed=3):
+    """(gate, up, gelu, weight, lora_A, lora_B, drops, p, scale) for a down projection of width 24."""
+    x, weight, lora_A, lora_B, drops, p, scale = _inputs(dtype, dropout, shape=(2, 5, intermediate), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    gate = torch.randn(x.shape, generator=gen).to(dtype).requires_grad_()
+    up = torch.randn(x.shape, generator=gen).to(dtype).requires_grad_()
+    return gate, up, gelu, weight, lora_A, lora_B, drops, p, scale
+
+
+def _gated_composed(gate, up, gelu, *lora_args):
+    """MLP.forward's own ops, then the down projection's lora_linear: autograd keeps act(gate) and the product."""
+    activated = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+    return lora_linear(activated * up, *lora_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("gelu", [True, False])
+def test_gated_op_equals_the_activation_then_lora_linear_bit_for_bit(gelu, dropout, dtype):
+    """The recomputation in backward runs the forward's ops and autograd's backward ops in the same
+    order, so values and all four gradients are identical, not just close (a bf16 base included)."""
+    args = _gated_inputs(gelu, dropout, dtype)
+    gate, up, _, _, lora_A, lora_B = args[:6]
+    upstream = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(9)).to(dtype)
+    results = []
+    for function in (gated_lora_linear, _gated_composed):
+        y, h = function(*args)
+        grads = torch.autograd.grad((y * upstream).sum(), (gate, up, lora_A, lora_B))
+        results.append((y, h, *grads))
+    for ours, reference, what in zip(results[0], results[1], ("y", "h", "d gate", "d up", "dA", "dB")):
+        assert ours.dtype == reference.dtype and torch.equal(ours, reference), what
+    assert results[0][2].abs().sum() > 0 and results[0][3].abs().sum() > 0 and results[0][2].dtype == dtype
+
+
+def test_gated_op_keeps_gate_and_up_but_not_their_product():
+    """What backward keeps: the composed form saves act(gate) and act(gate) * up as well, two more
+    intermediate-wide tensors per token."""
+    args = _gated_inputs(gelu=True, dropout=0.3)
+
+    def intermediate_wide_saved(function) -> int:
+        kept = {}
+
+        def pack(t):
+            if t.shape == args[0].shape:  # (tokens, intermediate): not the weights
+                kept[t.untyped_storage().data_ptr()] = t
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            function(*args)
+        return len(kept)
+
+    assert intermediate_wide_saved(gated_lora_linear) == 2  # gate and up
+    assert intermediate_wide_saved(_gated_composed) == 4  # gate, up, act(gate), act(gate) * up
+
+
+def test_gated_op_flops_and_torch_op_checks():
+    args = _gated_inputs(gelu=False, dropout=0.3)
+    counts = []
+    for function in (gated_lora_linear, _gated_composed):
+        with FlopCounterMode(display=False) as counter:
+            function(*args)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    for gelu in (True, False):
+        results = torch.library.opcheck(torch.ops.minilora.gated_lora_linear.default, _gated_inputs(gelu, 0.3))
+        assert set(results.values()) == {"SUCCESS"}, results

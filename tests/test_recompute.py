@@ -29,11 +29,11 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _adapted(kind: str, dropout: float) -> CausalLM:
+def _adapted(kind: str, dropout: float, variant: str = "lora") -> CausalLM:
     hf = hf_model(tiny_gemma_config() if kind == "gemma3" else tiny_llama_config())
     model = twin(hf)
     torch.manual_seed(0)
-    inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
+    inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear", variant=variant))
     nonzero_lora_B_(model)  # so the adapters shape the loss and every gradient
     return model.train()
 
@@ -92,16 +92,34 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     assert results["full"][1].get(draw, 0) == n_masks, results["full"][1]
     selective_ops = results["selective"][1]
     assert selective_ops.get(draw, 0) == 0 and selective_ops.get("randint", 0) == 0, selective_ops
-    # mlp: selective on the feed-forward half only; the attention half is never replayed, so backward
-    # runs no more of its forward ops (RoPE and layout, the input norm) than no checkpointing does
+    # mlp: no block is replayed, so backward runs none of the forward's ops (RoPE and layout, norms,
+    # projections, masks) and the matmuls of no checkpointing; only the MLP's activation is recomputed,
+    # once per block, inside the down projection's op (lora_op.gated_lora_linear)
     mlp_ops = results["mlp"][1]
     assert mlp_ops.get("mm", 0) == plain_ops["mm"] and mlp_ops.get("lora_linear", 0) == 0
     assert mlp_ops.get(draw, 0) == 0 and mlp_ops.get(attention, 0) == 0
     assert mlp_ops.get("to_heads", 0) == plain_ops.get("to_heads", 0) == 0
     assert selective_ops.get("to_heads", 0) == 3 * model.config.num_layers  # q, k, v replayed per block
+    assert mlp_ops.get("rms_norm", 0) == plain_ops.get("rms_norm", 0) == 0 < selective_ops.get("rms_norm", 0)
     activation = "gelu" if model.config.mlp_activation == "gelu_tanh" else "silu"
     assert mlp_ops.get(activation, 0) == selective_ops.get(activation, 0) == model.config.num_layers
     assert plain_ops.get(activation, 0) == 0
+
+
+def test_mlp_policy_checkpoints_the_feed_forward_half_where_the_down_projection_is_not_fused():
+    """DoRA's down projection has no fused op (nor has an NF4 one: tests/test_quant.py): "mlp" then runs
+    the feed-forward half under selective checkpointing, with the same gradients."""
+    model = _adapted("llama", dropout=0.3, variant="dora")
+    assert not any(layer.mlp.recomputes_product() for layer in model.model.layers)
+    ids = torch.randint(3, 150, (3, 20), generator=torch.Generator().manual_seed(1))
+    reference, plain_ops, _ = _step(model, "none", ids)
+    grads, mlp_ops, _ = _step(model, "mlp", ids)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=0, atol=1e-6, msg=name)
+    # the replay: the feed-forward norm and the activation once per block, no attention
+    assert mlp_ops.get("rms_norm", 0) == model.config.num_layers and plain_ops.get("rms_norm", 0) == 0
+    assert mlp_ops.get("silu", 0) == model.config.num_layers
+    assert mlp_ops.get("_scaled_dot_product_flash_attention_for_cpu", 0) == 0
 
 
 def test_dropout_mask_rate_values_and_replay(mask_draws):
