@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -124,9 +125,11 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None,
-        unpadded: Unpadded | None = None, selection: Selection | None = None,
+        unpadded: Unpadded | None = None, selection: Selection | None = None, regather_output: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """selection: queries only for those tokens (`mask` is then over its query grid); returns (M, hidden)."""
+        """selection: queries only for those tokens (`mask` is then over its query grid); returns (M, hidden).
+        regather_output (only outside gradient checkpointing, whose own saved-tensor hooks it would
+        override): o_proj's backward gathers its input from attention's kept output again."""
         tokens = x.shape[:-1]  # (B, T), or (N,) when unpadded
         k = _token_rows(self.k_proj(x), self.num_kv_heads, self.head_dim)
         v = _token_rows(self.v_proj(x), self.num_kv_heads, self.head_dim)
@@ -162,7 +165,28 @@ class Attention(nn.Module):
         query_index = query_layout[0]
         if query_index is None:  # (B, heads, T, hd) -> (B, T, hidden)
             return self.o_proj(out.transpose(1, 2).reshape(*tokens, self.num_heads * self.head_dim)), present
-        return self.o_proj(from_heads(out, query_index)), present  # (N or M, hidden)
+        rows = from_heads(out, query_index)  # (N or M, hidden)
+        if not (regather_output and self.softcap is None and torch.is_grad_enabled()):
+            return self.o_proj(rows), present
+        # SDPA keeps `out` for its backward: o_proj's backward gathers its input from it again rather
+        # than keeping the same values twice (one hidden-wide row per token and layer)
+        with _saved_as_recomputed(rows, lambda: from_heads(out, query_index)):
+            return self.o_proj(rows), present
+
+
+@contextmanager
+def _saved_as_recomputed(tensor: Tensor, recompute: Callable[[], Tensor]):
+    """Within it, autograd keeps `recompute` in place of `tensor` and calls it when backward needs it."""
+    layout = (tensor.data_ptr(), tensor.shape, tensor.stride())
+
+    def pack(saved: Tensor):
+        return recompute if (saved.data_ptr(), saved.shape, saved.stride()) == layout else saved
+
+    def unpack(packed):
+        return packed() if callable(packed) else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def _token_rows(t: Tensor, heads: int, head_dim: int) -> Tensor:
@@ -229,8 +253,10 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The "mlp" policy (recompute.py): recompute_mlp_product has the MLP's backward recompute its
         gated product; feed_forward_context, where it cannot, checkpoints the feed-forward half with this
-        `context_fn`. Attention keeps its activations in both cases."""
-        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded, selection)
+        `context_fn`. Attention runs outside any checkpoint in both cases and keeps its activations,
+        but for its output rows, gathered again in backward."""
+        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded, selection,
+                                           regather_output=recompute_mlp_product or feed_forward_context is not None)
         if selection is not None:  # from here on the residual stream is needed at the selected tokens only
             x = x.reshape(-1, x.shape[-1])[selection.rows]
         x = x + (self.post_attention_layernorm(attn_out) if self.sandwich else attn_out)

@@ -18,8 +18,9 @@ activations. Three policies:
 * "mlp" (train.py's default): no block is replayed. Backward recomputes only the MLP's gated product
   act(gate) * up, inside its down projection's op (`lora_op.gated_lora_linear`), which therefore keeps
   gate and up but neither act(gate) nor the product: two intermediate-wide tensors per token and
-  layer less than no checkpointing. Everything else backward needs is kept, e.g. the normed inputs,
-  q / k / v in attention's padded layout and the attention output as token rows. Where the down
+  layer less than no checkpointing. Everything else backward needs is kept, e.g. the normed inputs
+  and q / k / v and the output in attention's padded layout; o_proj's input, the output as token rows,
+  is gathered from the latter again in backward rather than kept twice. Where the down
   projection has no such op (an NF4 base, a DoRA adapter) it falls back to "selective" on the
   feed-forward half (its norms and the MLP). In the benchmark: 6-9 % (SmolLM2) and 3-8 % (Gemma)
   less time per step than round 12's "mlp" (selective on the feed-forward half) at the same peak

@@ -106,6 +106,30 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     assert plain_ops.get(activation, 0) == 0
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_mlp_policy_gathers_attention_output_rows_again_instead_of_keeping_them(kind):
+    """On a padded batch o_proj's input is gathered from attention's (B, heads, T, hd) output, which
+    SDPA keeps anyway: under "mlp" backward gathers it again (one from_heads per layer) and the
+    gradients are those of no checkpointing, which keeps the rows."""
+    model = _adapted(kind, dropout=0.3)
+    ids = torch.randint(3, 150, (3, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, 14:] = mask[2, 9:] = 0  # right padding: the dense layers run on the 43 real tokens only
+    runs = {}
+    for mode in ("none", "mlp"):
+        model.gradient_checkpointing, model.checkpoint_policy = mode == "mlp", "mlp"
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        loss = model(ids, attention_mask=mask).logits[mask.bool()].logsumexp(-1).mean()
+        with OpCounter() as counter:
+            loss.backward()
+        runs[mode] = ({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, counter.counts)
+    for name, grad in runs["mlp"][0].items():
+        torch.testing.assert_close(grad, runs["none"][0][name], rtol=0, atol=1e-6, msg=name)
+    assert runs["mlp"][1].get("from_heads", 0) == model.config.num_layers
+    assert runs["none"][1].get("from_heads", 0) == 0
+
+
 def test_mlp_policy_checkpoints_the_feed_forward_half_where_the_down_projection_is_not_fused():
     """DoRA's down projection has no fused op (nor has an NF4 one: tests/test_quant.py): "mlp" then runs
     the feed-forward half under selective checkpointing, with the same gradients."""
