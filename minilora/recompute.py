@@ -22,10 +22,9 @@ activations. Three policies:
   and q / k / v and the output in attention's padded layout; o_proj's input, the output as token rows,
   is gathered from the latter again in backward rather than kept twice. Where the down
   projection has no such op (an NF4 base, a DoRA adapter) it falls back to "selective" on the
-  feed-forward half (its norms and the MLP). In the benchmark: 6-9 % (SmolLM2) and 3-8 % (Gemma)
-  less time per step than round 12's "mlp" (selective on the feed-forward half) at the same peak
-  RSS, which was itself 3-10 % faster than "selective" for 4-7 % more peak RSS (benchmarks/NOTES.md,
-  rounds 12 and 13).
+  feed-forward half (its norms and the MLP). In the benchmark, per step: 1.06-1.09x (SmolLM2) and
+  1.03-1.08x (Gemma) against round 12's "mlp" (selective on the feed-forward half), 1.10-1.13x
+  against "selective", for 1-6 % more peak RSS than "selective" (benchmarks/NOTES.md, round 13).
 
 The result is identical to no checkpointing in every case (tests/test_recompute.py).
 """
