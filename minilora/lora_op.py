@@ -134,16 +134,12 @@ def gated_lora_linear(gate: Tensor, up: Tensor, gelu: bool, weight: Tensor, lora
     """`lora_linear` of the gated MLP's product x = act(gate) * up (act: tanh-GELU if `gelu`, else SiLU),
     i.e. its down projection, with x recomputed in backward from gate and up instead of kept: the
     activation and the product, two intermediate-wide tensors per token, are never saved."""
-    return _forward(_gated_product(gate, up, gelu), weight, lora_A, lora_B, drops, p, scale)
+    return _forward(_activation(gate, gelu) * up, weight, lora_A, lora_B, drops, p, scale)  # MLP.forward's ops
 
 
 def _activation(gate: Tensor, gelu: bool) -> Tensor:
     """tanh-GELU (Gemma) or SiLU (Llama) of the gate projection, as MLP.forward applies it."""
     return torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
-
-
-def _gated_product(gate: Tensor, up: Tensor, gelu: bool) -> Tensor:
-    return _activation(gate, gelu) * up  # MLP.forward's own ops: the same values
 
 
 @gated_lora_linear.register_fake
@@ -179,7 +175,6 @@ def _gated_backward(ctx, grad_y: Tensor, _grad_h: Tensor):
 
 
 gated_lora_linear.register_autograd(_gated_backward, setup_context=_gated_setup_context)
-keep_outputs_of(torch.ops.minilora.gated_lora_linear.default)
 
 
 @register_flop_formula(torch.ops.minilora.gated_lora_linear)
