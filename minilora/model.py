@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -175,12 +176,22 @@ class Attention(nn.Module):
 
 
 @contextmanager
-def _saved_as_recomputed(tensor: Tensor, recompute: Callable[[], Tensor]):
-    """Within it, autograd keeps `recompute` in place of `tensor` and calls it when backward needs it."""
+def _saved_as_recomputed(tensor: Tensor, recompute: Callable[[], Tensor], enabled: bool = True):
+    """Within it, autograd keeps `recompute` in place of `tensor`, and calls it once, when backward first
+    needs the tensor, however many ops kept it (q, k and v keep the same input)."""
+    if not enabled:
+        yield
+        return
     layout = (tensor.data_ptr(), tensor.shape, tensor.stride())
+    recomputed: list[Tensor] = []  # lives as long as some op still holds the recipe
+
+    def recipe() -> Tensor:
+        if not recomputed:
+            recomputed.append(recompute())
+        return recomputed[0]
 
     def pack(saved: Tensor):
-        return recompute if (saved.data_ptr(), saved.shape, saved.stride()) == layout else saved
+        return recipe if (saved.data_ptr(), saved.shape, saved.stride()) == layout else saved
 
     def unpack(packed):
         return packed() if callable(packed) else packed
@@ -253,10 +264,15 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The "mlp" policy (recompute.py): recompute_mlp_product has the MLP's backward recompute its
         gated product; feed_forward_context, where it cannot, checkpoints the feed-forward half with this
-        `context_fn`. Attention runs outside any checkpoint in both cases and keeps its activations,
-        but for its output rows, gathered again in backward."""
-        attn_out, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, unpadded, selection,
-                                           regather_output=recompute_mlp_product or feed_forward_context is not None)
+        `context_fn`. Attention runs outside any checkpoint in both cases and keeps its activations, but
+        for its output rows, gathered again in backward, and its normed input, normed again in backward."""
+        regather = (recompute_mlp_product or feed_forward_context is not None) and torch.is_grad_enabled()
+        normed = self.input_layernorm(x)
+        # q, k and v keep their input for their adapters' gradients; the norm keeps x and its (N, 1)
+        # scale already, so one norm in backward replaces a hidden-wide row per token and layer
+        with _saved_as_recomputed(normed, partial(self.input_layernorm, x), enabled=regather):
+            attn_out, present = self.self_attn(normed, cos, sin, mask, past, unpadded, selection,
+                                               regather_output=regather)
         if selection is not None:  # from here on the residual stream is needed at the selected tokens only
             x = x.reshape(-1, x.shape[-1])[selection.rows]
         x = x + (self.post_attention_layernorm(attn_out) if self.sandwich else attn_out)
@@ -266,10 +282,13 @@ class DecoderLayer(nn.Module):
                               preserve_rng_state=True), present
 
     def feed_forward(self, x: Tensor, recompute_mlp_product: bool = False) -> Tensor:
-        """The MLP with its norms: Llama's `post_attention_layernorm` before it, Gemma's two around it."""
-        if self.sandwich:
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), recompute_mlp_product))
-        return self.mlp(self.post_attention_layernorm(x), recompute_mlp_product)
+        """The MLP with its norms: Llama's `post_attention_layernorm` before it, Gemma's two around it.
+        With recompute_mlp_product, gate and up's input is normed again in backward, as in `forward`."""
+        norm = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+        normed = norm(x)
+        with _saved_as_recomputed(normed, partial(norm, x), enabled=recompute_mlp_product and torch.is_grad_enabled()):
+            out = self.mlp(normed, recompute_mlp_product)
+        return self.post_feedforward_layernorm(out) if self.sandwich else out
 
 
 # ------------------------------------------------------------------------------------------- masks

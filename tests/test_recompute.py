@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import minilora.recompute
 from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
-from minilora.model import CausalLM
+from minilora.model import CausalLM, RMSNorm
 from minilora.recompute import (_dropped_positions_from_gaps, checkpoint_context, dropout_drops, dropout_mask,
                                 pack_bits, unpack_bits, zero_dropped)
 
@@ -100,7 +100,10 @@ def test_policies_give_the_gradients_of_no_checkpointing(kind, mask_draws):
     assert mlp_ops.get(draw, 0) == 0 and mlp_ops.get(attention, 0) == 0
     assert mlp_ops.get("to_heads", 0) == plain_ops.get("to_heads", 0) == 0
     assert selective_ops.get("to_heads", 0) == 3 * model.config.num_layers  # q, k, v replayed per block
-    assert mlp_ops.get("rms_norm", 0) == plain_ops.get("rms_norm", 0) == 0 < selective_ops.get("rms_norm", 0)
+    # the norms before attention and before the MLP run again, once each, for the adapters that keep
+    # their output (q, k, v; gate, up): see test_mlp_policy_keeps_no_normed_input
+    assert mlp_ops.get("rms_norm", 0) == 2 * model.config.num_layers
+    assert plain_ops.get("rms_norm", 0) == 0 < selective_ops.get("rms_norm", 0)
     activation = "gelu" if model.config.mlp_activation == "gelu_tanh" else "silu"
     assert mlp_ops.get(activation, 0) == selective_ops.get(activation, 0) == model.config.num_layers
     assert plain_ops.get(activation, 0) == 0
@@ -128,6 +131,42 @@ def test_mlp_policy_gathers_attention_output_rows_again_instead_of_keeping_them(
         torch.testing.assert_close(grad, runs["none"][0][name], rtol=0, atol=1e-6, msg=name)
     assert runs["mlp"][1].get("from_heads", 0) == model.config.num_layers
     assert runs["none"][1].get("from_heads", 0) == 0
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_mlp_policy_keeps_no_normed_input(kind):
+    """q, k, v and gate, up keep their input (a norm's output) for their adapters' gradients. Under "mlp"
+    autograd keeps a recipe instead, which norms the kept residual stream again in backward (once per
+    norm: the count is in test_policies_give_the_gradients_of_no_checkpointing). Walks the graph after
+    the forward and looks for any kept tensor that is a norm's output."""
+    model = _adapted(kind, dropout=0.3)
+    ids = torch.randint(3, 150, (3, 20), generator=torch.Generator().manual_seed(1))
+    kept_per_mode = {}
+    for mode in ("none", "mlp"):
+        model.gradient_checkpointing, model.checkpoint_policy = mode == "mlp", "mlp"
+        normed = []  # held, so that no other tensor can reuse their memory during the forward
+        hooks = [m.register_forward_hook(lambda _m, _i, out: normed.append(out))
+                 for m in model.modules() if isinstance(m, RMSNorm)]
+        loss = model(ids).logits.logsumexp(-1).mean()
+        for hook in hooks:
+            hook.remove()
+        addresses = {t.data_ptr() for t in normed}
+        kept_per_mode[mode] = [node.name() for node in _graph_nodes(loss.grad_fn)
+                               for t in getattr(node, "saved_tensors", ()) or ()
+                               if t is not None and t.data_ptr() in addresses]
+    # five adapted projections read a norm's output in each layer
+    assert len(kept_per_mode["none"]) == 5 * model.config.num_layers, kept_per_mode["none"]
+    assert kept_per_mode["mlp"] == []
+
+
+def _graph_nodes(root):
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(child for child, _ in node.next_functions)
+    return seen
 
 
 def test_mlp_policy_checkpoints_the_feed_forward_half_where_the_down_projection_is_not_fused():
