@@ -49,10 +49,10 @@ def _dropout_drops(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:
     An op of its own so that selective checkpointing can keep its small output (about p * numel
     positions): the replay then zeroes the forward's positions instead of drawing them again."""
     if p <= SPARSE_DROP_RATE:
-        dropped = _dropped_positions_from_gaps(np.random.Generator(np.random.SFC64(int(seed))), numel, p)
-    else:  # element i is dropped when the i-th 32-bit draw is < p * 2^32
-        draws = np.random.SFC64(int(seed)).random_raw((numel + 1) // 2).view(np.uint32)[:numel]
-        dropped = np.flatnonzero(draws < np.uint32(min(round(p * 2**32), 2**32 - 1)))
+        return _dropped_positions_from_gaps(np.random.SFC64(int(seed)), numel, p)
+    # element i is dropped when the i-th 32-bit draw is < p * 2^32
+    draws = np.random.SFC64(int(seed)).random_raw((numel + 1) // 2).view(np.uint32)[:numel]
+    dropped = np.flatnonzero(draws < np.uint32(min(round(p * 2**32), 2**32 - 1)))
     return torch.from_numpy(dropped).to(_position_dtype(numel))
 
 
@@ -61,23 +61,26 @@ def _dropout_drops(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:
 SPARSE_DROP_RATE = 0.25
 
 
-def _dropped_positions_from_gaps(rng: np.random.Generator, numel: int, p: float,
-                                 batch: int | None = None) -> np.ndarray:
-    """Positions of i.i.d. Bernoulli(p) drops among `numel`, via the gaps between them: with E standard
-    exponential, floor(E / -log(1 - p)) + 1 is geometric (P(gap > k) = (1 - p)^k), so the cumulative
-    sums of such gaps, minus one, are the dropped positions."""
-    rate = -np.log1p(-p)
+def _dropped_positions_from_gaps(bits: np.random.SFC64, numel: int, p: float, batch: int | None = None) -> torch.Tensor:
+    """Positions of i.i.d. Bernoulli(p) drops among `numel`, via the gaps between them: with U uniform on
+    (0, 1), floor(log(U) / log(1 - p)) + 1 is geometric (P(gap > k) = (1 - p)^k), so the cumulative sums
+    of such gaps, minus one, are the dropped positions. U is a raw 32-bit draw plus 1/2, over 2^32; the
+    log runs in float64 and the sums in torch (numpy's exponential sampler and cumsum were 2x slower)."""
+    inverse_log_keep = 1.0 / math.log1p(-p)
     expected = numel * p
     if batch is None:  # gaps drawn per round; one round nearly always covers numel
         batch = int(expected + 8 * expected**0.5) + 64
-    dropped = np.empty(0, dtype=np.int64)
-    end = -1  # the last dropped position so far
+    batch += batch % 2  # whole 64-bit draws: rounds of any size read the same stream
+    rounds, end = [], -1  # end: the last dropped position so far
     while end < numel:
-        gaps = np.floor(rng.standard_exponential(batch) / rate).astype(np.int64) + 1
-        positions = end + np.cumsum(gaps)
-        dropped = np.concatenate((dropped, positions))
+        draws = bits.random_raw(batch // 2).view(np.uint32)
+        uniform = torch.from_numpy(draws.astype(np.float64)).add_(0.5).mul_(2.0**-32)
+        gaps = uniform.log_().mul_(inverse_log_keep).to(torch.int64).add_(1)  # the cast floors: values >= 0
+        positions = torch.cumsum(gaps, 0).add_(end)
+        rounds.append(positions)
         end = int(positions[-1])
-    return dropped[: np.searchsorted(dropped, numel)]
+    dropped = rounds[0] if len(rounds) == 1 else torch.cat(rounds)
+    return dropped[: int(torch.searchsorted(dropped, numel))].to(_position_dtype(numel))
 
 
 def _position_dtype(numel: int) -> torch.dtype:
