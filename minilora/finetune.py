@@ -71,10 +71,10 @@ class RunConfig:
     dequantize_once: bool = opt(False, "QLoRA: dequantize each NF4 weight once per optimizer step and keep it for "
                                        "the step (fewer dequantizations; holds the block weights in the compute dtype)")
     gradient_checkpointing: bool = opt(True, "recompute each block in backward to save memory")
-    checkpoint_policy: str = opt("mlp", "what checkpointing keeps: mlp = all but the MLP's gated product, which "
-                                        "backward recomputes; no block replayed (fastest); selective = each whole "
-                                        "block, keeping the projections' outputs (less memory); full = only each "
-                                        "block's input (least memory)",
+    checkpoint_policy: str = opt("mlp", "what checkpointing keeps: mlp = all but the MLP's gated product and the "
+                                        "projections' normed inputs, which backward recomputes; no block replayed "
+                                        "(fastest); selective = each whole block, keeping the projections' outputs "
+                                        "(about as much memory); full = only each block's input (least memory)",
                                  choices=list(CHECKPOINT_POLICIES))
     share_prefix: bool = opt(False, "compute the shared instruction prefix once per micro-batch (exact)")
     class_weights: str = opt("none", "per-example loss weights by class", choices=["none", "balanced"])

@@ -18,13 +18,16 @@ activations. Three policies:
 * "mlp" (train.py's default): no block is replayed. Backward recomputes only the MLP's gated product
   act(gate) * up, inside its down projection's op (`lora_op.gated_lora_linear`), which therefore keeps
   gate and up but neither act(gate) nor the product: two intermediate-wide tensors per token and
-  layer less than no checkpointing. Everything else backward needs is kept, e.g. the normed inputs
-  and q / k / v and the output in attention's padded layout; o_proj's input, the output as token rows,
-  is gathered from the latter again in backward rather than kept twice. Where the down
-  projection has no such op (an NF4 base, a DoRA adapter) it falls back to "selective" on the
-  feed-forward half (its norms and the MLP). In the benchmark, per step: 1.06-1.09x (SmolLM2) and
-  1.03-1.08x (Gemma) against round 12's "mlp" (selective on the feed-forward half), 1.10-1.13x
-  against "selective", for 1-6 % more peak RSS than "selective" (benchmarks/NOTES.md, round 13).
+  layer less than no checkpointing. Two more recomputations replace copies of what is kept anyway:
+  o_proj's input, attention's output as token rows, is gathered again from the output in attention's
+  padded layout, which SDPA keeps; and the normed inputs of q / k / v and of gate / up are normed
+  again from the block's kept residual stream (one norm each, however many ops read it: model.py's
+  `_saved_as_recomputed`). Everything else backward needs is kept, e.g. q / k / v in attention's
+  layout. Where the down projection has no such op (an NF4 base, a DoRA adapter) it falls back to
+  "selective" on the feed-forward half (its norms and the MLP). In the benchmark, per step:
+  1.06-1.09x (SmolLM2) and 1.03-1.08x (Gemma) against round 12's "mlp" (selective on the
+  feed-forward half), 1.10-1.13x against "selective" (benchmarks/NOTES.md, round 13); since round 14
+  SmolLM2's peak RSS is 5 % under "selective"'s, Gemma's 3 % over it.
 
 The result is identical to no checkpointing in every case (tests/test_recompute.py).
 """
