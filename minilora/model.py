@@ -266,13 +266,13 @@ class DecoderLayer(nn.Module):
         gated product; feed_forward_context, where it cannot, checkpoints the feed-forward half with this
         `context_fn`. Attention runs outside any checkpoint in both cases and keeps its activations, but
         for its output rows, gathered again in backward, and its normed input, normed again in backward."""
-        regather = (recompute_mlp_product or feed_forward_context is not None) and torch.is_grad_enabled()
+        mlp_policy = (recompute_mlp_product or feed_forward_context is not None) and torch.is_grad_enabled()
         normed = self.input_layernorm(x)
         # q, k and v keep their input for their adapters' gradients; the norm keeps x and its (N, 1)
         # scale already, so one norm in backward replaces a hidden-wide row per token and layer
-        with _saved_as_recomputed(normed, partial(self.input_layernorm, x), enabled=regather):
+        with _saved_as_recomputed(normed, partial(self.input_layernorm, x), enabled=mlp_policy):
             attn_out, present = self.self_attn(normed, cos, sin, mask, past, unpadded, selection,
-                                               regather_output=regather)
+                                               regather_output=mlp_policy)
         if selection is not None:  # from here on the residual stream is needed at the selected tokens only
             x = x.reshape(-1, x.shape[-1])[selection.rows]
         x = x + (self.post_attention_layernorm(attn_out) if self.sandwich else attn_out)

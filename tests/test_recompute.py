@@ -213,7 +213,7 @@ def test_sparse_drop_draws_are_bernoulli_and_do_not_depend_on_the_round_size():
     assert abs((gaps == 1).mean() - 0.05) < 0.005 and abs(gaps.mean() - 20) < 0.5
     # independent neighbours: a dropped element's successor is dropped at the base rate
     assert abs((~flags[dropped[dropped < flags.size - 1] + 1]).mean() - 0.05) < 0.005
-    # rounds of 3 gaps read the same stream of draws as one round: the same positions
+    # rounds of 3 gaps (rounded up to 4: whole 64-bit draws) read the same stream as one round
     small_rounds = _dropped_positions_from_gaps(np.random.SFC64(7), 2_000_003, 0.05, batch=3)
     assert np.array_equal(dropped, small_rounds.numpy())
 
