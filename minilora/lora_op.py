@@ -98,7 +98,8 @@ def _gradients(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     dy_adapter = dy.to(lora_B.dtype)
     grad_x = grad_A = grad_B = None
     if need_B:
-        grad_B = (dy_adapter.t() @ h.reshape(-1, h.shape[-1])).mul_(scale)  # (out, r)
+        # (r, out), transposed: MKL runs this orientation 1.3-2.2x faster at these shapes (NOTES, round 14)
+        grad_B = (h.reshape(-1, h.shape[-1]).t() @ dy_adapter).mul_(scale).t()  # (out, r)
     if need_A or need_x:
         dh = (dy_adapter @ lora_B).mul_(scale)  # (N, r)
         if need_A:
