@@ -135,11 +135,11 @@ def gated_lora_linear(gate: Tensor, up: Tensor, gelu: bool, weight: Tensor, lora
     """`lora_linear` of the gated MLP's product x = act(gate) * up (act: tanh-GELU if `gelu`, else SiLU),
     i.e. its down projection, with x recomputed in backward from gate and up instead of kept: the
     activation and the product, two intermediate-wide tensors per token, are never saved."""
-    return _forward(_activation(gate, gelu) * up, weight, lora_A, lora_B, drops, p, scale)  # MLP.forward's ops
+    return _forward(gated_activation(gate, gelu) * up, weight, lora_A, lora_B, drops, p, scale)
 
 
-def _activation(gate: Tensor, gelu: bool) -> Tensor:
-    """tanh-GELU (Gemma) or SiLU (Llama) of the gate projection, as MLP.forward applies it."""
+def gated_activation(gate: Tensor, gelu: bool) -> Tensor:
+    """tanh-GELU (Gemma) or SiLU (Llama) of the gate projection: model.MLP's activation, here and there."""
     return torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
 
 
@@ -159,7 +159,7 @@ def _gated_setup_context(ctx, inputs, output):
 def _gated_backward(ctx, grad_y: Tensor, _grad_h: Tensor):
     gate, up, weight, lora_A, lora_B, drops, h = ctx.saved_tensors
     need_gate, need_up, _, _, need_A, need_B = ctx.needs_input_grad[:6]
-    activated = _activation(gate, ctx.gelu)  # the recomputation
+    activated = gated_activation(gate, ctx.gelu)  # the recomputation
     product = activated * up
     grad_x, grad_A, grad_B = _gradients(grad_y, product, weight, lora_A, lora_B, drops, h, ctx.p, ctx.scale,
                                         need_gate or need_up, need_A, need_B)

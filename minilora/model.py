@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
 from .heads_op import from_heads, to_heads
+from .lora_op import gated_activation
 from .norm_op import rms_norm_op
 from .positions import Selection, Unpadded
 from .recompute import checkpoint_context
@@ -167,19 +168,19 @@ class Attention(nn.Module):
         if query_index is None:  # (B, heads, T, hd) -> (B, T, hidden)
             return self.o_proj(out.transpose(1, 2).reshape(*tokens, self.num_heads * self.head_dim)), present
         rows = from_heads(out, query_index)  # (N or M, hidden)
-        if not (regather_output and self.softcap is None and torch.is_grad_enabled()):
-            return self.o_proj(rows), present
         # SDPA keeps `out` for its backward: o_proj's backward gathers its input from it again rather
         # than keeping the same values twice (one hidden-wide row per token and layer)
-        with _saved_as_recomputed(rows, lambda: from_heads(out, query_index)):
+        with _saved_as_recomputed(rows, partial(from_heads, out, query_index),
+                                  enabled=regather_output and self.softcap is None):
             return self.o_proj(rows), present
 
 
 @contextmanager
 def _saved_as_recomputed(tensor: Tensor, recompute: Callable[[], Tensor], enabled: bool = True):
     """Within it, autograd keeps `recompute` in place of `tensor`, and calls it once, when backward first
-    needs the tensor, however many ops kept it (q, k and v keep the same input)."""
-    if not enabled:
+    needs the tensor, however many ops kept it (q, k and v keep the same input). A no-op where
+    `enabled` is False or autograd keeps nothing (grad mode off)."""
+    if not (enabled and torch.is_grad_enabled()):
         yield
         return
     layout = (tensor.data_ptr(), tensor.shape, tensor.stride())
@@ -231,8 +232,7 @@ class MLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if recompute_product:
             return self.down_proj.gated_forward(gate, up, self.gelu)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * up)
+        return self.down_proj(gated_activation(gate, self.gelu) * up)
 
     def recomputes_product(self) -> bool:
         """Whether the down projection takes (gate, up) in one op that recomputes their product in
@@ -266,7 +266,7 @@ class DecoderLayer(nn.Module):
         gated product; feed_forward_context, where it cannot, checkpoints the feed-forward half with this
         `context_fn`. Attention runs outside any checkpoint in both cases and keeps its activations, but
         for its output rows, gathered again in backward, and its normed input, normed again in backward."""
-        mlp_policy = (recompute_mlp_product or feed_forward_context is not None) and torch.is_grad_enabled()
+        mlp_policy = recompute_mlp_product or feed_forward_context is not None
         normed = self.input_layernorm(x)
         # q, k and v keep their input for their adapters' gradients; the norm keeps x and its (N, 1)
         # scale already, so one norm in backward replaces a hidden-wide row per token and layer
@@ -286,7 +286,7 @@ class DecoderLayer(nn.Module):
         With recompute_mlp_product, gate and up's input is normed again in backward, as in `forward`."""
         norm = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
         normed = norm(x)
-        with _saved_as_recomputed(normed, partial(norm, x), enabled=recompute_mlp_product and torch.is_grad_enabled()):
+        with _saved_as_recomputed(normed, partial(norm, x), enabled=recompute_mlp_product):
             out = self.mlp(normed, recompute_mlp_product)
         return self.post_feedforward_layernorm(out) if self.sandwich else out
 
