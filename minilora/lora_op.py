@@ -24,8 +24,10 @@ The result equals the composed form to float rounding (tests/test_lora_op.py).
 x = act(gate) * up. Composed, autograd keeps act(gate) and x for backward, two intermediate-wide
 tensors per token; this op keeps gate and up only (kept anyway, as the inputs of the activation's and
 the product's gradients) and recomputes x in backward: one activation and one product, each a pass
-over the intermediate width. It is how the "mlp" checkpoint policy (recompute.py) saves memory
-without replaying blocks. Its values and gradients are bit-identical to the composed form.
+over the intermediate width. x is the op's own temporary, in forward and in backward, so dropout
+zeroes its dropped elements in x itself rather than in a copy. It is how the "mlp" checkpoint policy
+(recompute.py) saves memory without replaying blocks. Its values and gradients are bit-identical to
+the composed form.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops
 
 
 def _forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: Tensor | None, p: float,
-             scale: float) -> tuple[Tensor, Tensor]:
-    base = torch.nn.functional.linear(x, weight)  # (..., out)
-    h = torch.mm(_adapter_input(x, lora_A.dtype, drops), lora_A.t())  # (N, r)
+             scale: float, x_is_scratch: bool = False) -> tuple[Tensor, Tensor]:
+    base = torch.nn.functional.linear(x, weight)  # (..., out); before x_is_scratch lets x be zeroed
+    h = torch.mm(_adapter_input(x, lora_A.dtype, drops, x_is_scratch), lora_A.t())  # (N, r)
     if drops is not None:
         h.mul_(1.0 / (1.0 - p))
     out_features = weight.shape[0]
@@ -61,11 +63,14 @@ def _forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: T
     return y.view(base.shape), h.view(*x.shape[:-1], lora_A.shape[0])
 
 
-def _adapter_input(x: Tensor, dtype: torch.dtype, drops: Tensor | None) -> Tensor:
-    """x * keep as (N, in) in the adapter's dtype (the 1 / (1 - p) is applied by the caller)."""
+def _adapter_input(x: Tensor, dtype: torch.dtype, drops: Tensor | None, x_is_scratch: bool = False) -> Tensor:
+    """x * keep as (N, in) in the adapter's dtype (the 1 / (1 - p) is applied by the caller). With
+    x_is_scratch (a temporary nothing reads afterwards) the dropped elements are zeroed in x itself."""
     x2 = x.reshape(-1, x.shape[-1])
     if drops is None:
         return x2.to(dtype)
+    if x_is_scratch and x2.dtype == dtype and x2.is_contiguous():
+        return zero_dropped(x2, drops)  # saves a copy of an intermediate-wide tensor (NOTES, round 15)
     return zero_dropped(x2.to(dtype, memory_format=torch.contiguous_format, copy=True), drops)
 
 
@@ -91,8 +96,10 @@ def _backward(ctx, grad_y: Tensor, _grad_h: Tensor):
 
 
 def _gradients(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: Tensor | None,
-               h: Tensor, p: float, scale: float, need_x: bool, need_A: bool, need_B: bool):
-    """(grad_x, grad_A, grad_B) of the layer, each None where not needed."""
+               h: Tensor, p: float, scale: float, need_x: bool, need_A: bool, need_B: bool,
+               x_is_scratch: bool = False):
+    """(grad_x, grad_A, grad_B) of the layer, each None where not needed. x is read by dA only, so
+    with x_is_scratch dA may zero its dropped elements in place."""
     inverse_keep = 1.0 / (1.0 - p) if drops is not None else 1.0
     dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
     dy_adapter = dy.to(lora_B.dtype)
@@ -103,7 +110,7 @@ def _gradients(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     if need_A or need_x:
         dh = (dy_adapter @ lora_B).mul_(scale)  # (N, r)
         if need_A:
-            grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, drops)).mul_(inverse_keep)  # (r, in)
+            grad_A = (dh.t() @ _adapter_input(x, lora_A.dtype, drops, x_is_scratch)).mul_(inverse_keep)
         if need_x:
             grad_adapter_in = dh.mul_(inverse_keep) @ lora_A  # (N, in)
             if drops is not None:
@@ -135,7 +142,7 @@ def gated_lora_linear(gate: Tensor, up: Tensor, gelu: bool, weight: Tensor, lora
     """`lora_linear` of the gated MLP's product x = act(gate) * up (act: tanh-GELU if `gelu`, else SiLU),
     i.e. its down projection, with x recomputed in backward from gate and up instead of kept: the
     activation and the product, two intermediate-wide tensors per token, are never saved."""
-    return _forward(gated_activation(gate, gelu) * up, weight, lora_A, lora_B, drops, p, scale)
+    return _forward(gated_activation(gate, gelu) * up, weight, lora_A, lora_B, drops, p, scale, x_is_scratch=True)
 
 
 def gated_activation(gate: Tensor, gelu: bool) -> Tensor:
@@ -162,7 +169,7 @@ def _gated_backward(ctx, grad_y: Tensor, _grad_h: Tensor):
     activated = gated_activation(gate, ctx.gelu)  # the recomputation
     product = activated * up
     grad_x, grad_A, grad_B = _gradients(grad_y, product, weight, lora_A, lora_B, drops, h, ctx.p, ctx.scale,
-                                        need_gate or need_up, need_A, need_B)
+                                        need_gate or need_up, need_A, need_B, x_is_scratch=True)
     del product
     grad_gate = grad_up = None
     if grad_x is not None:  # autograd's own backward of act(gate) * up, op for op
