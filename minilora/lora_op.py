@@ -51,7 +51,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops
 
 def _forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, drops: Tensor | None, p: float,
              scale: float, x_is_scratch: bool = False) -> tuple[Tensor, Tensor]:
-    base = torch.nn.functional.linear(x, weight)  # (..., out); before x_is_scratch lets x be zeroed
+    base = torch.nn.functional.linear(x, weight)  # (..., out), from x before any of it is zeroed
     h = torch.mm(_adapter_input(x, lora_A.dtype, drops, x_is_scratch), lora_A.t())  # (N, r)
     if drops is not None:
         h.mul_(1.0 / (1.0 - p))
