@@ -19,6 +19,9 @@ The gradient is computed in the forward (it is needed only as a multiple of it) 
 No (N, V) tensor is made. Same loss and gradient as `F.cross_entropy(model.project(h), targets)` to
 fp32 rounding (tests/test_head_loss.py); the composed form is used where this does not apply: a
 trained head weight or a soft-capped head.
+
+`head_log_probs_at` is the same idea without gradients, for scoring: the full-vocabulary log-softmax
+read at a few tokens (the labels' first tokens), its normaliser built one chunk at a time.
 """
 
 from __future__ import annotations
@@ -75,3 +78,28 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_nll: Tensor, _grad_predicted: Tensor):
         (grad_rows,) = ctx.saved_tensors
         return (grad_nll[:, None] * grad_rows).to(ctx.hidden_dtype), None, None, None
+
+
+@torch.no_grad()
+def head_log_probs_at(model: CausalLM, hidden: Tensor, tokens: Tensor, chunk: int = VOCAB_CHUNK) -> Tensor:
+    """(N, K) fp32: log_softmax(model.project(hidden))[:, tokens], for final hidden states (N, H) and
+    token ids (K,). The log-sum-exp over the vocabulary is taken chunk by chunk into one reused
+    (N, chunk) buffer, so the (N, V) logits and their log-softmax, 2 x 268 MB for 256 rows of Gemma 3's
+    262k vocabulary, are never made."""
+    head, cap = model.lm_head, model.config.final_logit_softcap
+    if type(head) is not torch.nn.Linear or head.bias is not None:  # e.g. a wrapped head: the composed form
+        return torch.log_softmax(model.project(hidden).float(), dim=-1)[:, tokens]
+    weight, rows = head.weight, hidden.shape[0]
+
+    def capped(logits: Tensor) -> Tensor:  # as model.project, in place on a buffer of our own
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+
+    buffer = hidden.new_empty(rows * min(chunk, weight.shape[0]))
+    chunk_lse = torch.empty(rows, -(-weight.shape[0] // chunk), device=hidden.device)
+    for index, start in enumerate(range(0, weight.shape[0], chunk)):
+        piece = weight[start : start + chunk]
+        out = buffer[: rows * piece.shape[0]].view(rows, piece.shape[0])  # contiguous, for the last chunk too
+        logits = capped(torch.mm(hidden, piece.t(), out=out))
+        chunk_lse[:, index] = torch.logsumexp(logits.float(), dim=1)
+    picked = capped(hidden @ weight[tokens].t()).float()  # (N, K)
+    return picked - torch.logsumexp(chunk_lse, dim=1, keepdim=True)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import minilora.head_loss
 import minilora.loss
-from minilora.head_loss import _ChunkedHeadCrossEntropy, head_cross_entropy
+from minilora.head_loss import _ChunkedHeadCrossEntropy, head_cross_entropy, head_log_probs_at
 from minilora.lora import LoraConfig, inject_adapters
 from minilora.loss import completion_loss
 from minilora.prompts import IGNORE_INDEX, Batch
@@ -127,3 +127,32 @@ def test_trained_or_soft_capped_heads_use_the_composed_form():
     nll, _ = head_cross_entropy(model, hidden, targets)
     torch.testing.assert_close(nll, capped)
     assert not torch.allclose(capped, expected)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("chunk", [16, 48, 4096])  # 160 / 48 is not whole; 4096 > V: one chunk
+def test_head_log_probs_at_equal_the_full_log_softmax(chunk, softcap):
+    model = twin(hf_model(tiny_gemma_config()))
+    model.config = dataclasses.replace(model.config, final_logit_softcap=softcap)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, model.config.hidden_size, generator=gen) * 4  # spread logits: the cap bites
+    tokens = torch.tensor([5, 159, 0, 5])  # the last vocabulary row, a repeat
+    logits64 = hidden.double() @ model.lm_head.weight.double().t()  # the truth in float64
+    if softcap is not None:
+        logits64 = torch.tanh(logits64 / softcap) * softcap
+    truth = torch.log_softmax(logits64, dim=-1)[:, tokens]
+    got = head_log_probs_at(model, hidden, tokens, chunk)
+    assert got.dtype == torch.float32 and got.shape == (9, 4)
+    torch.testing.assert_close(got.double(), truth, rtol=0, atol=1e-5)
+    if softcap is not None:  # the cap is applied, to the normaliser's logits and the picked ones alike
+        uncapped = torch.log_softmax(hidden @ model.lm_head.weight.t(), dim=-1)[:, tokens]
+        assert (uncapped - got).abs().max() > 0.1
+
+
+def test_head_log_probs_at_a_wrapped_head_use_the_composed_form():
+    model = twin(hf_model(tiny_llama_config()))
+    hidden = torch.randn(3, model.config.hidden_size)
+    tokens = torch.tensor([7, 8])
+    expected = torch.log_softmax(model.project(hidden), dim=-1)[:, tokens]
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # not a plain Linear: its weight is not read directly
+    torch.testing.assert_close(head_log_probs_at(model, hidden, tokens, chunk=16), expected)
