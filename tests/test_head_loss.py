@@ -149,7 +149,7 @@ def test_head_log_probs_at_equal_the_full_log_softmax(chunk, softcap):
         assert (uncapped - got).abs().max() > 0.1
 
 
-def test_head_log_probs_at_a_wrapped_head_use_the_composed_form():
+def test_head_log_probs_at_a_wrapped_head_uses_the_composed_form():
     model = twin(hf_model(tiny_llama_config()))
     hidden = torch.randn(3, model.config.hidden_size)
     tokens = torch.tensor([7, 8])
