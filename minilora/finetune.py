@@ -197,7 +197,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)
     sample_order = (lambda epoch: data_mod.balanced_order(splits.train, cfg.seed, epoch)) if cfg.balanced_sampling else None
     validation = subset_rows(splits.validation, cfg.val_limit, cfg.seed)
-    validate = (lambda m: validation_scores(m, formatter, validation, cfg.max_seq_len, cfg.batch_size)) if validation else None
+    validate = (lambda m: validation_scores(m, formatter, validation, cfg.batch_size)) if validation else None
 
     result = train(model, train_examples, cfg.loop_config(), out, tokenizer.pad_id, class_weights=weights,
                    validate=validate, resume=cfg.resume, sample_order=sample_order, base_model=cfg.model, log=log)
@@ -233,19 +233,22 @@ def subset_rows(examples: list, limit: int, seed: int) -> list:
 
 
 @torch.no_grad()
-def validation_scores(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
-                      batch_size: int, merged: bool = True) -> dict:
+def validation_scores(model: CausalLM, formatter: PromptFormatter, examples: list, batch_size: int,
+                      merged: bool = True) -> dict:
     """Answer-token loss and label-scoring accuracy on validation rows. merged: as in
-    `evaluate.predict` (`lora.merged_for_inference` puts the training weights back bit for bit)."""
+    `evaluate.predict` (`lora.merged_for_inference` puts the training weights back bit for bit).
+    Rows are never truncated, and --max-seq-len (a bound on training's memory) does not apply: without
+    gradients a long row costs little, and a validation row over it must not end a run midway (with
+    SmolLM2's chat template some FinancialPhraseBank rows take 267 tokens, over the default 256)."""
     model.eval()
     with merged_for_inference(model) if merged else nullcontext():
-        return _loss_and_accuracy(model, formatter, examples, max_len, batch_size)
+        return _loss_and_accuracy(model, formatter, examples, batch_size)
 
 
-def _loss_and_accuracy(model: CausalLM, formatter: PromptFormatter, examples: list, max_len: int,
-                       batch_size: int) -> dict:
+def _loss_and_accuracy(model: CausalLM, formatter: PromptFormatter, examples: list, batch_size: int) -> dict:
     nll, weight = 0.0, 0.0
     tokenized = [formatter.tokenize(ex.text, ex.label) for ex in examples]
+    max_len = max(len(ex.prompt_ids) + len(ex.answer_ids) for ex in tokenized)
     for start in range(0, len(tokenized), batch_size):
         batch = collate(tokenized[start : start + batch_size], formatter.tokenizer.pad_id, max_len)
         terms = completion_loss(model, batch.to(next(model.parameters()).device))

@@ -85,10 +85,10 @@ def test_validation_scores_with_merged_adapters_equal_unmerged(tiny):
     base, model, fmt = with_adapters(tiny, "single tokens")
     examples = [Example(text, label) for text, label in zip(TEXTS, ["positive", "neutral", "negative"] * 2)]
     weights = {name: m.base_layer.weight for name, m in lora_modules(model)}
-    merged = validation_scores(model, fmt, examples, max_len=64, batch_size=2)
+    merged = validation_scores(model, fmt, examples, batch_size=2)
     assert all(m.base_layer.weight is weights[name] and not m.merged for name, m in lora_modules(model))
-    unmerged = validation_scores(model, fmt, examples, max_len=64, batch_size=2, merged=False)
-    without_adapters = validation_scores(base, fmt, examples, max_len=64, batch_size=2)
+    unmerged = validation_scores(model, fmt, examples, batch_size=2, merged=False)
+    without_adapters = validation_scores(base, fmt, examples, batch_size=2)
     assert abs(unmerged["loss"] - without_adapters["loss"]) > 1e-3  # the adapters matter
     assert merged["accuracy"] == unmerged["accuracy"]
     assert abs(merged["loss"] - unmerged["loss"]) < 1e-5

@@ -195,6 +195,39 @@ def test_max_seq_len_shorter_than_prompt_is_refused(tiny_dir, tiny_csv, tmp_path
         run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", max_seq_len=8), log=lambda line: None)
 
 
+def test_a_validation_row_longer_than_max_seq_len_does_not_stop_the_run(tiny_dir, tmp_path):
+    """--max-seq-len bounds the training rows, checked before the first step; a longer validation row
+    is validated whole (it once ended a SmolLM2 run at its first validation, before any checkpoint)."""
+    from minilora.data import load_dataset
+    from minilora.finetune import make_formatter
+    from minilora.tokenizer import Tokenizer
+
+    path = tmp_path / "rows.csv"
+    long_text = " ".join(f"w{t}" for t in range(40))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows([(f"w{i % 50} w{100 + i}", ("positive", "neutral", "negative")[i % 3]) for i in range(59)])
+        writer.writerow([long_text, "neutral"])
+    seed = next(s for s in range(100)  # a split that puts the long row in validation
+                if long_text in [ex.text for ex in load_dataset(path, train_per_class=8, test_per_class=4,
+                                                                seed=s).validation])
+    splits = load_dataset(path, train_per_class=8, test_per_class=4, seed=seed)
+    formatter = make_formatter(Tokenizer(tiny_dir), "auto", None, splits.info.labels)
+    def length(ex) -> int:
+        tokenized = formatter.tokenize(ex.text, ex.label)
+        return len(tokenized.prompt_ids) + len(tokenized.answer_ids)
+
+    longest_train, longest_validation = max(map(length, splits.train)), max(map(length, splits.validation))
+    assert longest_validation > longest_train + 20
+
+    out = tmp_path / "run"
+    run(_cfg(tiny_dir, path, out, seed=seed, max_seq_len=longest_train, val_limit=0, max_steps=2, eval_every=1),
+        log=lambda line: None)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["val_loss"]) for r in records)
+
+
 def test_unknown_model_is_refused(tiny_csv, tmp_path):
     from minilora.checkpoint import CheckpointError
 
