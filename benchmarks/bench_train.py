@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=256,
                    help="longest prompt + answer allowed, a guard only: rows are never truncated and batches are "
-                        "padded to their longest row (train.py's default; 5 gemma rows are 129-138 tokens)")
+                        "padded to their longest row (5 gemma rows are 129-138 tokens)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the lr_at schedule")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="lr warm-up fraction of --steps")
     p.add_argument("--weight-decay", type=float, default=0.001)

@@ -60,7 +60,8 @@ class RunConfig:
     max_grad_norm: float = opt(0.3, "gradient clipping norm (0 disables)")
     batch_size: int = opt(8, "rows per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_seq_len: int = opt(256, "longest prompt + answer, in tokens")
+    max_seq_len: int = opt(512, "longest prompt + answer of a training row, in tokens: a guard, not a padding "
+                                "length (batches pad to their own longest row)")
     adapter: str = opt("lora", "adapter variant", choices=["lora", "dora"])
     lora_r: int = opt(16, "adapter rank")
     lora_alpha: float = opt(32.0, "adapter scale numerator (scale = alpha / r)")

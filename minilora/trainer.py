@@ -45,7 +45,7 @@ class LoopConfig:
     max_grad_norm: float = 1.0  # gradient clipping (<= 0 disables)
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_seq_len: int = 256  # longest prompt + answer allowed
+    max_seq_len: int = 512  # longest prompt + answer allowed (a guard: batches pad to their own longest row)
     group_by_length: bool = True  # batches of similar length: less padding
     share_prefix: bool = False  # compute the instruction prefix once per micro-batch
     dequantize_once: bool = False  # QLoRA: each NF4 weight dequantized once per optimizer step
