@@ -239,8 +239,8 @@ def validation_scores(model: CausalLM, formatter: PromptFormatter, examples: lis
     """Answer-token loss and label-scoring accuracy on validation rows. merged: as in
     `evaluate.predict` (`lora.merged_for_inference` puts the training weights back bit for bit).
     Rows are never truncated, and --max-seq-len (a bound on training's memory) does not apply: without
-    gradients a long row costs little, and a validation row over it must not end a run midway (with
-    SmolLM2's chat template some FinancialPhraseBank rows take 267 tokens, over the default 256)."""
+    gradients a long row costs little, and a validation row over it must not end a run midway, after
+    steps not yet checkpointed (benchmarks/NOTES.md, round 16)."""
     model.eval()
     with merged_for_inference(model) if merged else nullcontext():
         return _loss_and_accuracy(model, formatter, examples, batch_size)
