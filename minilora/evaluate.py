@@ -32,6 +32,7 @@ class Predictions:
     predicted: list[str]
     logprobs: torch.Tensor | None  # (N, n_labels) natural-log probabilities of each label's tokens
     seconds: float
+    generated: list[str] | None = None  # `generate`: each decoded answer, before label parsing
 
 
 def predict(
@@ -51,25 +52,26 @@ def predict(
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     started = time.perf_counter()  # the merge counts: it is part of what this evaluation costs
     with merged_for_inference(model) if merged else nullcontext():
-        predicted, logprobs = _predict(model, formatter, texts, method, batch_size, share_prefix, max_new_tokens)
-    return Predictions(predicted, logprobs, time.perf_counter() - started)
+        predicted, logprobs, generated = _predict(model, formatter, texts, method, batch_size, share_prefix,
+                                                  max_new_tokens)
+    return Predictions(predicted, logprobs, time.perf_counter() - started, generated)
 
 
 def _predict(model: CausalLM, formatter: PromptFormatter, texts: list[str], method: str, batch_size: int,
-             share_prefix: bool, max_new_tokens: int) -> tuple[list[str], torch.Tensor | None]:
+             share_prefix: bool, max_new_tokens: int) -> tuple[list[str], torch.Tensor | None, list[str] | None]:
     if method == "score":
         logprobs = label_logprobs(model, formatter, texts, batch_size=batch_size, share_prefix=share_prefix)
-        return predict_labels(logprobs, formatter.labels), logprobs
+        return predict_labels(logprobs, formatter.labels), logprobs, None
     stop_ids = {formatter.stop_id, formatter.tokenizer.eos_id} | formatter.tokenizer.newline_ids
     prompts = [formatter.prompt_ids(t) for t in texts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths per batch
-    predicted = [""] * len(texts)
+    generated = [""] * len(texts)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         outputs = generate(model, [prompts[i] for i in idx], max_new_tokens, stop_ids, formatter.tokenizer.pad_id)
         for i, ids in zip(idx, outputs):
-            predicted[i] = parse_label(formatter.tokenizer.decode(ids), formatter.labels)
-    return predicted, None
+            generated[i] = formatter.tokenizer.decode(ids)
+    return [parse_label(answer, formatter.labels) for answer in generated], None, generated
 
 
 def evaluate(
@@ -91,7 +93,7 @@ def evaluate(
     metrics["examples_per_s"] = len(texts) / result.seconds if result.seconds > 0 else None
     logprobs = result.logprobs.numpy() if result.logprobs is not None else None
     write_report(out_dir, run_name, metrics, texts, gold, result.predicted, logprobs=logprobs,
-                 wall_time_s=result.seconds, meta={"method": method, **(meta or {})})
+                 wall_time_s=result.seconds, meta={"method": method, **(meta or {})}, generated=result.generated)
     metrics["wall_time_s"] = result.seconds
     metrics["predicted"] = result.predicted
     return metrics

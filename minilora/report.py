@@ -58,14 +58,19 @@ def predictions_csv(
     gold: Sequence[str],
     predicted: Sequence[str],
     logprobs: Mapping[str, Sequence[float]] | None = None,
+    generated: Sequence[str] | None = None,
 ) -> str:
-    """CSV text with columns text, gold, predicted and logprob_<label> per label (csv-module quoting)."""
+    """CSV text with columns text, gold, predicted, then generated (the decoded answer a label was
+    parsed from, when given: it shows what an invalid answer said) and logprob_<label> per label
+    (csv-module quoting)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     names = list(logprobs or {})
-    writer.writerow(["text", "gold", "predicted"] + [f"logprob_{label}" for label in names])
+    extra = ["generated"] if generated is not None else []
+    writer.writerow(["text", "gold", "predicted"] + extra + [f"logprob_{label}" for label in names])
     for i, row in enumerate(zip(texts, gold, predicted)):
-        writer.writerow(list(row) + [repr(float(logprobs[label][i])) for label in names])
+        answer = [generated[i]] if generated is not None else []
+        writer.writerow(list(row) + answer + [repr(float(logprobs[label][i])) for label in names])
     return buffer.getvalue()
 
 
@@ -171,12 +176,14 @@ def write_report(
     logprobs: Mapping[str, Sequence[float]] | np.ndarray | None = None,
     wall_time_s: float | None = None,
     meta: dict | None = None,
+    generated: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, predictions.csv, confusion_matrix.png and summary.md into `out_dir`.
 
     `metrics` comes from `classification_metrics`; `logprobs` is {label: values} or an
-    (n, n_labels) array in `metrics["labels"]` order; `meta` (model, adapter, seed, ...) is copied
-    into report.json and summary.md. Returns the written paths by name.
+    (n, n_labels) array in `metrics["labels"]` order; `generated` is the decoded answer of each row
+    (method `generate`); `meta` (model, adapter, seed, ...) is copied into report.json and
+    summary.md. Returns the written paths by name.
     """
     n = len(texts)
     if not (n == len(gold) == len(predicted) == metrics["n"]):
@@ -184,6 +191,8 @@ def write_report(
             f"texts / gold / predicted have {n} / {len(gold)} / {len(predicted)} items, "
             f"metrics['n'] is {metrics['n']}; expected equal"
         )
+    if generated is not None and len(generated) != n:
+        raise ValueError(f"generated has {len(generated)} answers, expected {n} (one per example)")
     columns = None if logprobs is None else _logprob_columns(logprobs, list(metrics["labels"]), n)
     report = {
         "run_name": run_name,
@@ -194,9 +203,10 @@ def write_report(
         "meta": meta or {},
     }
     out = Path(out_dir)
+    table = predictions_csv(texts, gold, predicted, columns, generated)
     return {
         "report": atomic_write(out / "report.json", json.dumps(report, indent=2, default=str) + "\n"),
-        "predictions": atomic_write(out / "predictions.csv", predictions_csv(texts, gold, predicted, columns)),
+        "predictions": atomic_write(out / "predictions.csv", table),
         "confusion_matrix": atomic_write(out / "confusion_matrix.png", plot_confusion_matrix(metrics, run_name)),
         "summary": atomic_write(out / "summary.md", summary_markdown(report)),
     }

@@ -10,6 +10,7 @@ from minilora.adapter_io import save_adapter
 from minilora.checkpoint import load_model
 from minilora.compare import EvalConfig, run_comparison
 from minilora.data import DataError
+from minilora.generate import parse_label
 from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
 from tests.tiny import hf_model, save_tiny_checkpoint, tiny_gemma_config, tiny_llama_config
 
@@ -84,6 +85,12 @@ def test_generate_method_reports_invalid_answers(setup, tmp_path):
     metrics = results["baseline"]
     assert metrics["n"] == 6
     assert metrics["n_invalid"] + sum(p in ("positive", "neutral", "negative") for p in metrics["predicted"]) == 6
+    # predictions.csv keeps each decoded answer beside the label parsed from it
+    with (tmp_path / "baseline" / "predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["text", "gold", "predicted", "generated"]
+    assert [parse_label(r["generated"], ("positive", "neutral", "negative")) for r in rows] == metrics["predicted"]
+    assert any(r["generated"].strip() for r in rows)
 
 
 def test_adapter_for_another_base_model_is_refused(setup, tmp_path):

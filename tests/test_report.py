@@ -77,6 +77,18 @@ def test_logprobs_array_and_none(tmp_path):
         write_report(tmp_path / "d", "run", metrics, TEXTS[:3], GOLD, PRED)
 
 
+def test_generated_answers_column(tmp_path):
+    metrics = classification_metrics(GOLD, PRED, LABELS)
+    answers = ["Positive.", ' "neutral"', "neutral, I think", "maybe,\nmaybe not"]  # quotes, commas, newline
+    paths = write_report(tmp_path / "a", "run", metrics, TEXTS, GOLD, PRED, generated=answers)
+    with paths["predictions"].open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["text", "gold", "predicted", "generated"]
+    assert [r["generated"] for r in rows] == answers
+    with pytest.raises(ValueError, match="generated has 3 answers, expected 4"):
+        write_report(tmp_path / "b", "run", metrics, TEXTS, GOLD, PRED, generated=answers[:3])
+
+
 def test_png_is_valid_and_sensible_size(written):
     _, _, paths = written
     width, height = _png_size(paths["confusion_matrix"])
