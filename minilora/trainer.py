@@ -190,8 +190,12 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, best = state["step"], state["best"]
-        metrics.truncate_after(start_step)
+        pending = state.get("pending_record")  # written before its step's validation, which may not have run
+        metrics.truncate_after(start_step - 1 if pending is not None else start_step)
         log(f"resumed from {found} at step {start_step}/{total_steps}")
+        if pending is not None and validate is not None:
+            best = _validate_into(pending, model, validate, best, out_dir, base_model, log)
+            metrics.write(pending)
 
     model.train()
     started, tokens_seen, loss_value = time.time(), 0, float("nan")
@@ -222,19 +226,32 @@ def train(
             eta = elapsed / (done - start_step) * (total_steps - done)
             _progress(log, f"step {done}/{total_steps} loss {step_loss:.4f} lr {lr:.2e} "
                            f"tok/s {record['tokens_per_s']:.0f} ETA {_clock(eta)}")
-        if validate is not None and (cfg.eval_every > 0 and done % cfg.eval_every == 0 or done == total_steps):
-            scores = validate(model)
-            model.train()
-            record.update({f"val_{k}": v for k, v in scores.items()})
-            if _is_better(scores, best):
-                best = {"step": done, "accuracy": scores.get("accuracy"), "loss": scores.get("loss")}
-                save_adapter(model, out_dir / "best", base_model_name_or_path=base_model)
-            log(f"validation at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        metrics.write(record)
+        validating = validate is not None and (cfg.eval_every > 0 and done % cfg.eval_every == 0 or done == total_steps)
         if cfg.save_every > 0 and done % cfg.save_every == 0 or done == total_steps:
-            save_checkpoint(checkpoint_dir, model, optimizer, done, {"best": best}, base_model)
+            # before the validation, so that a failing validation costs no training; its record waits
+            # in the checkpoint, and a resume runs that validation first
+            pending = record if validating else None
+            save_checkpoint(checkpoint_dir, model, optimizer, done, {"best": best, "pending_record": pending},
+                            base_model)
+        if validating:
+            best = _validate_into(record, model, validate, best, out_dir, base_model, log)
+        metrics.write(record)
     metrics.close()
     return TrainResult(total_steps, loss_value, best["step"], best["accuracy"], time.time() - started)
+
+
+def _validate_into(record: dict, model: CausalLM, validate: Callable[[CausalLM], dict], best: dict, out_dir: Path,
+                   base_model: str | None, log: Callable[[str], None]) -> dict:
+    """Validate after step record["step"]: add the scores to the record, save out_dir/best if they beat
+    `best`; returns the best so far."""
+    scores = validate(model)
+    model.train()
+    record.update({f"val_{k}": v for k, v in scores.items()})
+    log(f"validation at step {record['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if not _is_better(scores, best):
+        return best
+    save_adapter(model, out_dir / "best", base_model_name_or_path=base_model)
+    return {"step": record["step"], "accuracy": scores.get("accuracy"), "loss": scores.get("loss")}
 
 
 def accumulate_gradients(model: CausalLM, micro_batches: list[Batch], device: torch.device,

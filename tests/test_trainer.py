@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minilora.checkpoint import load_model
 from minilora.finetune import RunConfig, RunError, run
@@ -172,6 +173,41 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_dir, tiny_csv, tm
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
     steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("failing_validation", [1, 2])  # at step 2, at the last step (4)
+def test_a_failing_validation_loses_no_training(tiny_dir, tiny_csv, tmp_path, monkeypatch, failing_validation):
+    """The checkpoint of a step is written before its validation; a resume runs that validation first."""
+    import minilora.finetune as finetune
+
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "full"), log=lambda line: None)
+    real_scores, calls = finetune.validation_scores, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_validation:
+            raise Crash
+        return real_scores(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "validation_scores", fails_once)
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed"), log=lambda line: None)
+    logs = []
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", resume=True), log=logs.append)
+    assert any("resumed from" in line and f"at step {2 * failing_validation}/4" in line for line in logs)
+
+    for folder in ("adapter", "best"):
+        full = load_file(tmp_path / "full" / folder / "adapter_model.safetensors")
+        resumed = load_file(tmp_path / "resumed" / folder / "adapter_model.safetensors")
+        assert all(torch.equal(resumed[key], full[key]) for key in full), folder
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("full", "resumed")}
+    assert [r["step"] for r in records["resumed"]] == [1, 2, 3, 4]
+    for full, resumed in zip(records["full"], records["resumed"]):
+        assert {k: v for k, v in resumed.items() if k.startswith("val_")} == \
+               {k: v for k, v in full.items() if k.startswith("val_")}
+        assert resumed["loss"] == full["loss"]
+    assert "val_accuracy" in records["resumed"][1] and "val_accuracy" in records["resumed"][3]
 
 
 def test_output_folder_of_another_run_is_refused(tiny_dir, tiny_csv, tmp_path):
