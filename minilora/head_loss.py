@@ -18,7 +18,7 @@ so that at the end, with lse = m + log(s):
 The gradient is computed in the forward (it is needed only as a multiple of it) and backward scales it.
 No (N, V) tensor is made. Same loss and gradient as `F.cross_entropy(model.project(h), targets)` to
 fp32 rounding (tests/test_head_loss.py); the composed form is used where this does not apply: a
-trained head weight or a soft-capped head.
+head that is not a plain bias-free Linear (an adapter on it), a trained head weight, a soft-capped head.
 
 `head_log_probs_at` is the same idea without gradients, for scoring: the full-vocabulary log-softmax
 read at a few tokens (the labels' first tokens), its normaliser built one chunk at a time.
@@ -35,10 +35,18 @@ from .model import CausalLM
 VOCAB_CHUNK = 2048  # rows of the head weight per step: 5 MB in fp32 at H = 640, cache-resident on CPUs
 
 
+def plain_head_weight(model: CausalLM) -> Tensor | None:
+    """The (V, H) weight when the LM head is a bias-free nn.Linear, so that reading the weight chunk by
+    chunk computes the head; None for anything else (an adapter on the head, a quantized head)."""
+    head = model.lm_head
+    return head.weight if type(head) is torch.nn.Linear and head.bias is None else None
+
+
 def head_cross_entropy(model: CausalLM, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(nll (N,) in fp32, greedy prediction (N,)) of the LM head at final hidden states (N, H)."""
-    weight = model.lm_head.weight
-    if weight.requires_grad or model.config.final_logit_softcap is not None or hidden.shape[0] == 0:
+    weight = plain_head_weight(model)
+    if (weight is None or weight.requires_grad or model.config.final_logit_softcap is not None
+            or hidden.shape[0] == 0):
         logits = model.project(hidden).float()
         return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
     return _ChunkedHeadCrossEntropy.apply(hidden, weight, targets, VOCAB_CHUNK)
@@ -86,10 +94,9 @@ def head_log_probs_at(model: CausalLM, hidden: Tensor, tokens: Tensor, chunk: in
     token ids (K,). The log-sum-exp over the vocabulary is taken chunk by chunk into one reused
     (N, chunk) buffer, so the (N, V) logits and their log-softmax, 2 x 268 MB for 256 rows of Gemma 3's
     262k vocabulary, are never made."""
-    head, cap = model.lm_head, model.config.final_logit_softcap
-    if type(head) is not torch.nn.Linear or head.bias is not None:  # e.g. a wrapped head: the composed form
+    weight, cap, rows = plain_head_weight(model), model.config.final_logit_softcap, hidden.shape[0]
+    if weight is None:
         return torch.log_softmax(model.project(hidden).float(), dim=-1)[:, tokens]
-    weight, rows = head.weight, hidden.shape[0]
 
     def capped(logits: Tensor) -> Tensor:  # as model.project, in place on a buffer of our own
         return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)

@@ -305,7 +305,25 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"target_modules={config.target_modules!r} matched no linear module. Linear module names "
             f"(suffixes): {shown}; e.g. {available[:4]}"
         )
+    _refuse_tied_targets(model, targets)
     return targets
+
+
+def _refuse_tied_targets(model: nn.Module, targets: list[str]) -> None:
+    """A weight shared with another module (lm_head tied to the embeddings) cannot take an adapter:
+    merging it would change the embeddings too, and a merged export stores the pair once."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name in targets:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        others = [n for n in owners.get(id(weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"target_modules: {name}.weight is tied to {others[0]} (tie_word_embeddings), so an adapter on "
+                f"{name} would also change {others[0].rpartition('.')[0]} when merged; leave {name} out of "
+                "target_modules"
+            )
 
 
 def inject_adapters(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -149,10 +149,23 @@ def test_head_log_probs_at_equal_the_full_log_softmax(chunk, softcap):
         assert (uncapped - got).abs().max() > 0.1
 
 
-def test_head_log_probs_at_a_wrapped_head_uses_the_composed_form():
+def test_an_adapter_on_the_head_is_computed_by_both_head_functions():
+    """lm_head is adapted only when named explicitly; its weight is then not the head's map, so the
+    chunked forms must not read it (they once raised AttributeError on the wrapped head)."""
     model = twin(hf_model(tiny_llama_config()))
+    inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    torch.manual_seed(0)
+    nonzero_lora_B_(model, std=0.5)
     hidden = torch.randn(3, model.config.hidden_size)
-    tokens = torch.tensor([7, 8])
-    expected = torch.log_softmax(model.project(hidden), dim=-1)[:, tokens]
-    model.lm_head = torch.nn.Sequential(model.lm_head)  # not a plain Linear: its weight is not read directly
-    torch.testing.assert_close(head_log_probs_at(model, hidden, tokens, chunk=16), expected)
+    targets, tokens = torch.tensor([7, 8, 9]), torch.tensor([7, 8])
+    logits = model.project(hidden)
+    plain = hidden @ model.lm_head.base_layer.weight.t()
+    assert (logits - plain).abs().max() > 0.1  # the adapter changes the head
+
+    nll, predicted = head_cross_entropy(model, hidden, targets)
+    torch.testing.assert_close(nll, F.cross_entropy(logits, targets, reduction="none"))
+    assert torch.equal(predicted, logits.argmax(-1))
+    nll.sum().backward()
+    assert model.lm_head.lora_A.weight.grad.abs().sum() > 0  # the head's adapter is trained
+    torch.testing.assert_close(head_log_probs_at(model, hidden, tokens, chunk=16),
+                               torch.log_softmax(logits.detach(), dim=-1)[:, tokens])

@@ -262,6 +262,16 @@ def test_bad_configs_raise_clear_errors():
         inject_adapters(model, LoraConfig(r=2))
 
 
+def test_an_adapter_on_a_tied_head_is_refused_and_on_an_untied_head_allowed():
+    tied = twin(hf_model(tiny_gemma_config()))  # Gemma ties lm_head to the embeddings
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied to model.embed_tokens.weight .*model.embed_tokens"):
+        inject_adapters(tied, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert not any(isinstance(m, LoRALinear) for m in tied.modules())
+    untied = twin(hf_model(tiny_llama_config(num_hidden_layers=1)))
+    assert inject_adapters(untied, LoraConfig(r=2, target_modules=["lm_head"])) == ["lm_head"]
+
+
 def test_bf16_base_keeps_fp32_adapters():
     """The adapter path runs in fp32 and the result is cast back to the base output dtype."""
     torch.manual_seed(0)
