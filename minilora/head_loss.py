@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import CausalLM
+from .model import CausalLM, soft_cap
 
 VOCAB_CHUNK = 2048  # rows of the head weight per step: 5 MB in fp32 at H = 640, cache-resident on CPUs
 
@@ -99,7 +99,7 @@ def head_log_probs_at(model: CausalLM, hidden: Tensor, tokens: Tensor, chunk: in
         return torch.log_softmax(model.project(hidden).float(), dim=-1)[:, tokens]
 
     def capped(logits: Tensor) -> Tensor:  # as model.project, in place on a buffer of our own
-        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+        return logits if cap is None else soft_cap(logits, cap, in_place=True)
 
     buffer = hidden.new_empty(rows * min(chunk, weight.shape[0]))
     chunk_lse = torch.empty(rows, -(-weight.shape[0] // chunk), device=hidden.device)

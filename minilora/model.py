@@ -206,10 +206,16 @@ def _token_rows(t: Tensor, heads: int, head_dim: int) -> Tensor:
     return t.reshape(-1, heads, head_dim)
 
 
+def soft_cap(x: Tensor, cap: float, in_place: bool = False) -> Tensor:
+    """cap * tanh(x / cap) (Gemma 2's attention and final-logit soft-capping). In place only on a tensor
+    autograd does not track: tanh's backward reads its output, which the last multiply would overwrite."""
+    return x.div_(cap).tanh_().mul_(cap) if in_place else torch.tanh(x / cap) * cap
+
+
 def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:
     """Explicit attention for configs with tanh soft-capping of the scores (not expressible in SDPA)."""
     scores = (q @ k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / cap) * cap
+    scores = soft_cap(scores, cap)
     if mask is None:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -377,8 +383,7 @@ class CausalLM(nn.Module):
         """LM head (+ final soft-capping); call it only on the positions whose logits you need."""
         logits = self.lm_head(hidden)
         if self.config.final_logit_softcap is not None:
-            cap = self.config.final_logit_softcap
-            logits = torch.tanh(logits / cap) * cap
+            logits = soft_cap(logits, self.config.final_logit_softcap)
         return logits
 
     # --- forward ---------------------------------------------------------------------------------
