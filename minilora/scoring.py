@@ -50,12 +50,14 @@ def label_logprobs(
         prefix_cache = model(prefix, use_cache=True, logits_at="none").cache
     # longest first: batches of similar length waste less padding
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    last_hidden = torch.empty(len(prompts), model.config.hidden_size, device=device)
+    last_hidden = None  # (N, H) in the activations' dtype (bf16 on CUDA), made at the first batch
     continuation = torch.empty(len(prompts), len(label_ids))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         rows = [prompts[i][prefix_len:] for i in idx]
         hidden, rest = _score_rows(model, rows, label_ids, prefix_cache, formatter.tokenizer.pad_id, device)
+        if last_hidden is None:
+            last_hidden = hidden.new_empty(len(prompts), hidden.shape[1])
         last_hidden[idx], continuation[idx] = hidden, rest.cpu()
     first_tokens = torch.tensor([tokens[0] for tokens in label_ids], device=device)
     first = torch.empty(len(prompts), len(label_ids))

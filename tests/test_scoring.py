@@ -55,6 +55,19 @@ def test_scores_equal_naive_sum_of_token_logprobs(tiny, share_prefix, labels, he
             assert abs(scores[i, j].item() - expected) < 1e-4
 
 
+def test_scores_of_a_bf16_model_equal_its_naive_sum(tiny):
+    """bf16 is the default dtype on CUDA: scoring keeps the activations' dtype (it once mixed in fp32)."""
+    model, tok = copy.deepcopy(tiny[0]).to(torch.bfloat16), tiny[1]
+    fmt = PromptFormatter(tok)
+    fmt.label_ids = LABEL_SETS["mixed lengths"]
+    scores = label_logprobs(model, fmt, TEXTS, batch_size=2)
+    assert scores.dtype == torch.float32
+    for i, text in enumerate(TEXTS):
+        for j, label in enumerate(fmt.labels):
+            expected = naive_logprob(model, fmt.prompt_ids(text), fmt.label_ids[label])
+            assert abs(scores[i, j].item() - expected) < 0.05  # bf16 rounding, on log-probabilities near -10
+
+
 def with_adapters(tiny, labels: str):
     """(the tiny model, a copy of it with non-zero LoRA adapters, a formatter with LABEL_SETS[labels])."""
     base, tok = tiny
