@@ -47,7 +47,7 @@ def run_cli(config_cls: type, run, description: str, argv=None) -> int:
     config = config_from_args(config_cls, parser.parse_args(argv))
     try:
         run(config)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+    except (ValueError, OSError, RuntimeError, ImportError) as err:  # OSError: a path that is not what it should be
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

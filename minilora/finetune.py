@@ -19,7 +19,7 @@ from .adapter_io import save_adapter
 from .checkpoint import load_model
 from .device import pick_device, pick_dtype, seed_everything
 from .evaluate import evaluate
-from .lora import LoraConfig, inject_adapters, merged_for_inference, trainable_summary
+from .lora import LoraConfig, check_lora_config, find_targets, inject_adapters, merged_for_inference, trainable_summary
 from .loss import completion_loss
 from .model import CausalLM
 from .prompts import PromptFormatter, collate, load_template
@@ -109,6 +109,28 @@ class RunError(ValueError):
     """A run that cannot start as configured (and would otherwise lose or mix up work)."""
 
 
+def check_settings(cfg: RunConfig) -> None:
+    """Numbers out of range, refused before anything is loaded or written."""
+    if cfg.lora_r <= 0:
+        raise RunError(f"--lora-r must be > 0, found {cfg.lora_r}")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
+                        ("--max-seq-len", cfg.max_seq_len)):
+        if value < 1:
+            raise RunError(f"{flag} must be >= 1, found {value}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise RunError(f"--epochs must be > 0 (or --max-steps > 0), found {cfg.epochs}")
+    for flag, value in (("--eval-every", cfg.eval_every), ("--save-every", cfg.save_every),
+                        ("--val-limit", cfg.val_limit), ("--eval-limit", cfg.eval_limit)):
+        if value < 0:
+            raise RunError(f"{flag} must be >= 0, found {value}")
+    if cfg.dequantize_once and not cfg.qlora:
+        raise RunError("--dequantize-once applies to NF4 weights only: add --qlora or drop it")
+    try:
+        check_lora_config(cfg.lora_config())
+    except ValueError as error:
+        raise RunError(f"adapter settings: {error}") from None
+
+
 # --------------------------------------------------------------------------------- model building
 
 
@@ -128,10 +150,13 @@ def make_formatter(tokenizer: Tokenizer, prompt_format: str, template_file: str 
 # ------------------------------------------------------------------------------------ output folder
 
 
-def prepare_output_dir(cfg: RunConfig) -> Path:
-    """Refuse to mix runs: an existing run is continued only with --resume, replaced only with --overwrite."""
+def check_output_dir(cfg: RunConfig) -> Path:
+    """Refuse to mix runs: an existing run is continued only with --resume, replaced only with --overwrite,
+    and --overwrite replaces only a run (a folder with run_config.json), never other files. Changes nothing."""
     out = Path(cfg.output_dir)
     saved = out / "run_config.json"
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output-dir {out} is a file, not a folder")
     if cfg.resume:
         if not saved.is_file():
             raise RunError(f"--resume: {out} holds no run (run_config.json missing)")
@@ -141,11 +166,21 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
         if changed:
             raise RunError(f"--resume: settings differ from the run in {out}: "
                            + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-        return out
-    if out.exists() and any(out.iterdir()):
+    elif out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise RunError(f"{out} already holds files (another run?); pass --resume to continue it or "
                            "--overwrite to replace it")
+        if not saved.is_file():
+            raise RunError(f"--overwrite replaces a training run, and {out} holds files but no run "
+                           "(run_config.json missing); choose another --output-dir")
+    return out
+
+
+def prepare_output_dir(cfg: RunConfig) -> Path:
+    """check_output_dir, then empty the folder of a run that --overwrite replaces; called once everything
+    the run needs has loaded, so that a mistake in the new settings does not cost the old run."""
+    out = check_output_dir(cfg)
+    if not cfg.resume and cfg.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -162,19 +197,17 @@ def _write_json(path: Path, obj) -> None:
 
 def run(cfg: RunConfig, log=print) -> dict:
     """Train an adapter as configured and evaluate it on the test split; returns the test metrics."""
-    if cfg.lora_r <= 0:
-        raise RunError(f"--lora-r must be > 0, found {cfg.lora_r}")
-    if cfg.dequantize_once and not cfg.qlora:
-        raise RunError("--dequantize-once applies to NF4 weights only: add --qlora or drop it")
-    out = prepare_output_dir(cfg)
+    check_settings(cfg)
+    check_output_dir(cfg)
     log("config: " + json.dumps(asdict(cfg)))
-    _write_json(out / "run_config.json", asdict(cfg))
     seed_everything(cfg.seed)
 
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
                                    train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed)
-    _write_json(out / "data_info.json", asdict(splits.info))
     log(f"data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test rows")
+    for name, rows in (("training", splits.train), ("test", splits.test)):
+        if not rows:  # the run trains on one and ends by evaluating the other
+            raise RunError(f"{cfg.data}: the {name} split is empty")
 
     device = pick_device(cfg.device)
     dtype = pick_dtype(device, cfg.dtype)
@@ -188,6 +221,11 @@ def run(cfg: RunConfig, log=print) -> dict:
     longest = max(len(e.prompt_ids) + len(e.answer_ids) for e in train_examples)
     if longest > cfg.max_seq_len:
         raise RunError(f"the longest training example has {longest} tokens but --max-seq-len is {cfg.max_seq_len}")
+
+    find_targets(model, cfg.lora_config())  # the targets exist: the last check before the folder is written
+    out = prepare_output_dir(cfg)
+    _write_json(out / "run_config.json", asdict(cfg))
+    _write_json(out / "data_info.json", asdict(splits.info))
 
     seed_everything(cfg.seed)  # adapters are initialised from this seed whatever loading consumed
     inject_adapters(model, cfg.lora_config())

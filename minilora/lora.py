@@ -262,7 +262,8 @@ ADAPTER_VARIANTS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoR
 # ------------------------------------------------------------------------------------------ injection
 
 
-def _validate(config: LoraConfig) -> None:
+def check_lora_config(config: LoraConfig) -> None:
+    """Raise ValueError naming the first field out of range."""
     if not isinstance(config.r, int) or config.r <= 0:
         raise ValueError(f"LoraConfig.r must be a positive integer, got {config.r!r}")
     if config.alpha <= 0:
@@ -294,7 +295,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The module names `inject_adapters` would wrap, without touching the model."""
-    _validate(config)
+    check_lora_config(config)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise RuntimeError("the model already has adapters; inject into a fresh model")
     available = linear_module_names(model)

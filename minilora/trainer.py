@@ -179,9 +179,13 @@ def train(
     total_steps = len(steps)
     metrics = MetricsLog(out_dir / "metrics.jsonl")
 
-    start_step, best = 0, {"step": None, "accuracy": None, "loss": None}
+    start_step, best, loss_value = 0, {"step": None, "accuracy": None, "loss": None}, float("nan")
     checkpoint_dir = out_dir / "checkpoint"
-    if resume and (found := find_checkpoint(checkpoint_dir)) is not None:
+    found = find_checkpoint(checkpoint_dir) if resume else None
+    if resume and found is None:  # stopped before its first checkpoint: start over, with a fresh log
+        log(f"no checkpoint in {checkpoint_dir} yet: training starts at step 0")
+        metrics.truncate_after(0)
+    if found is not None:
         state = torch.load(found / STATE_FILE, weights_only=False)
         named = dict(model.named_parameters())
         with torch.no_grad():
@@ -189,7 +193,7 @@ def train(
                 named[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        start_step, best = state["step"], state["best"]
+        start_step, best, loss_value = state["step"], state["best"], state.get("loss", float("nan"))
         pending = state.get("pending_record")  # written before its step's validation, which may not have run
         metrics.truncate_after(start_step - 1 if pending is not None else start_step)
         log(f"resumed from {found} at step {start_step}/{total_steps}")
@@ -198,7 +202,7 @@ def train(
             metrics.write(pending)
 
     model.train()
-    started, tokens_seen, loss_value = time.time(), 0, float("nan")
+    started, tokens_seen = time.time(), 0
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
@@ -231,8 +235,8 @@ def train(
             # before the validation, so that a failing validation costs no training; its record waits
             # in the checkpoint, and a resume runs that validation first
             pending = record if validating else None
-            save_checkpoint(checkpoint_dir, model, optimizer, done, {"best": best, "pending_record": pending},
-                            base_model)
+            extra = {"best": best, "pending_record": pending, "loss": step_loss}
+            save_checkpoint(checkpoint_dir, model, optimizer, done, extra, base_model)
         if validating:
             best = _validate_into(record, model, validate, best, out_dir, base_model, log)
         metrics.write(record)

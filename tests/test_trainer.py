@@ -175,6 +175,30 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_dir, tiny_csv, tm
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_before_the_first_checkpoint_starts_over_with_a_fresh_log(tiny_dir, tiny_csv, tmp_path):
+    settings = dict(save_every=0, eval_every=0)  # the only checkpoint is the last step's
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "full", **settings), log=lambda line: None)
+
+    def crash_at_step_3(line):
+        if line.startswith("step 3/4"):
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", **settings), log=crash_at_step_3)
+    logs = []
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", resume=True, **settings), log=logs.append)
+    assert any("no checkpoint in" in line and "starts at step 0" in line for line in logs)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # not 1, 2, 3, 1, 2, 3, 4
+    full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "resumed")
+    assert all(torch.equal(resumed[key], full[key]) for key in full)
+
+    logs = []  # resuming the finished run: nothing to train, and the final loss is still known
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", resume=True, **settings), log=logs.append)
+    final = next(line for line in logs if line.startswith("trained 4 steps"))
+    assert "final loss nan" not in final and "final loss" in final
+
+
 @pytest.mark.parametrize("failing_validation", [1, 2])  # at step 2, at the last step (4)
 def test_a_failing_validation_loses_no_training(tiny_dir, tiny_csv, tmp_path, monkeypatch, failing_validation):
     """The checkpoint of a step is written before its validation; a resume runs that validation first."""
@@ -217,6 +241,60 @@ def test_output_folder_of_another_run_is_refused(tiny_dir, tiny_csv, tmp_path):
     with pytest.raises(RunError, match="already holds files .* --resume .* --overwrite"):
         run(_cfg(tiny_dir, tiny_csv, out), log=lambda line: None)
     assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_a_run_only_after_the_new_settings_load(tiny_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=1, eval_every=0), log=lambda line: None)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for mistake, error in ((dict(data=str(tmp_path / "typo.csv")), "typo.csv"),
+                           (dict(target_modules="qkv_proj"), "matched no linear module"),
+                           (dict(lora_alpha=0), "alpha must be > 0")):
+        with pytest.raises((RunError, FileNotFoundError, ValueError), match=error):
+            run(_cfg(tiny_dir, tiny_csv, out, overwrite=True, **mistake), log=lambda line: None)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, mistake  # the old run is whole
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0, overwrite=True), log=lambda line: None)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # replaced, not appended to
+
+
+def test_overwrite_never_empties_a_folder_that_holds_no_run(tiny_dir, tiny_csv, tmp_path):
+    out = tmp_path / "documents"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(RunError, match="holds files but no run"):
+        run(_cfg(tiny_dir, tiny_csv, out, overwrite=True), log=lambda line: None)
+    assert (out / "notes.txt").read_text() == "precious" and (out / "sub").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match="is a file, not a folder"):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "file"), log=lambda line: None)
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(batch_size=0), "--batch-size must be >= 1, found 0"),
+    (dict(grad_accum=0), "--grad-accum must be >= 1, found 0"),
+    (dict(max_steps=-1, epochs=0), "--epochs must be > 0"),
+    (dict(save_every=-2), "--save-every must be >= 0, found -2"),
+    (dict(lora_dropout=1.0), r"adapter settings: .*dropout must be in \[0, 1\)"),
+])
+def test_settings_out_of_range_are_refused_before_anything_is_written(tiny_dir, tiny_csv, tmp_path, setting, message):
+    with pytest.raises(RunError, match=message):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", **setting), log=lambda line: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("missing", ["train", "test"])
+def test_a_data_file_without_training_or_test_rows_is_refused_before_training(tiny_dir, tmp_path, missing):
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label", "split"])
+        splits = [s for s in ("train", "validation", "test") if s != missing]
+        writer.writerows((f"w{i} w{i + 1}", ("positive", "neutral", "negative")[i % 3], splits[i % 2])
+                         for i in range(30))
+    name = {"train": "training", "test": "test"}[missing]
+    with pytest.raises(RunError, match=f"the {name} split is empty"):
+        run(_cfg(tiny_dir, path, tmp_path / "run"), log=lambda line: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_different_settings_is_refused(tiny_dir, tiny_csv, tmp_path):
