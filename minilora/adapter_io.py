@@ -32,6 +32,7 @@ from .lora import (
     base_weight,
     find_targets,
     inject_adapters,
+    linear_module_names,
     lora_modules,
 )
 from .quant import NF4Linear
@@ -90,8 +91,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        # the suffixes actually wrapped, e.g. ["down_proj", "q_proj", ...]
-        "target_modules": sorted({name.split(".")[-1] for name, _ in lora_modules(model)}),
+        "target_modules": _target_modules(model),
         "use_rslora": use_rslora,
         "use_dora": issubclass(cls, DoRALinear),
         "bias": "none",
@@ -107,6 +107,15 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "exclude_modules": None,
         "revision": None,
     }
+
+
+def _target_modules(model: nn.Module) -> list[str]:
+    """The wrapped names' suffixes (["down_proj", "q_proj", ...]) when they match nothing else; else the
+    full names, so that a loader (ours or peft's suffix match) wraps exactly the trained layers again."""
+    wrapped = [name for name, _ in lora_modules(model)]
+    suffixes = {name.split(".")[-1] for name in wrapped}
+    unwrapped = linear_module_names(model)  # linear layers without an adapter
+    return sorted(suffixes) if not any(name.split(".")[-1] in suffixes for name in unwrapped) else sorted(wrapped)
 
 
 def _dropout_p(module: LoRALinear) -> float:

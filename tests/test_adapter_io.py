@@ -67,6 +67,25 @@ def test_peft_round_trip_both_ways(tmp_path, family, variant, rslora):
     torch.testing.assert_close(logits(ours), logits(peft_model.eval()), atol=1e-5, rtol=0)
 
 
+def test_an_adapter_on_some_layers_loads_back_onto_those_layers_only(tmp_path):
+    from peft import PeftModel
+
+    ours = hf_model(FAMILIES["llama"]())
+    wrapped = inject_adapters(ours, LoraConfig(r=4, target_modules=r"model\.layers\.0\..*_proj"))
+    perturb_(adapter_parameters(ours))
+    save_adapter(ours, tmp_path / "layer0")
+    config = json.loads((tmp_path / "layer0" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(wrapped)  # the suffixes would match layer 1 too
+
+    again = hf_model(FAMILIES["llama"]())
+    assert sorted(load_adapter(again, tmp_path / "layer0")) == sorted(wrapped)
+    torch.testing.assert_close(logits(again), logits(ours), atol=0, rtol=0)
+    peft_model = PeftModel.from_pretrained(hf_model(FAMILIES["llama"]()), tmp_path / "layer0").eval()
+    assert sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if hasattr(m, "lora_A") and n.endswith("_proj")) == sorted(wrapped)
+    torch.testing.assert_close(logits(peft_model), logits(ours), atol=1e-5, rtol=0)
+
+
 def test_load_errors_are_specific(tmp_path):
     source = hf_model(tiny_llama_config(num_hidden_layers=1))
     inject_adapters(source, LoraConfig(r=4, variant="dora"))
