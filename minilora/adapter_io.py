@@ -208,6 +208,20 @@ def _module_key(key: str) -> str:
     return key
 
 
+def base_model_check(expected_model: str) -> Callable[[dict], None]:
+    """A `config_check` for load_adapter: refuse an adapter whose base_model_name_or_path names another
+    model than `expected_model` (the same folder name counts as the same model; no name passes)."""
+    def check(raw: dict) -> None:
+        base = raw.get("base_model_name_or_path")
+        if base and base != expected_model and Path(base).name != Path(expected_model).name:
+            raise ValueError(
+                f"adapter was trained on base model {base!r}, but --model is {expected_model!r}; "
+                "pass the adapter's base model"
+            )
+
+    return check
+
+
 def load_adapter(
     model: nn.Module,
     adapter_dir: str | os.PathLike,

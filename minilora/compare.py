@@ -10,12 +10,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import data as data_mod
-from .adapter_io import load_adapter
+from .adapter_io import base_model_check, load_adapter
 from .device import pick_device, pick_dtype
 from .evaluate import evaluate
 from .finetune import build_model, make_formatter, opt, subset_rows
-from .lora import merge_adapters, remove_adapters
+from .lora import lora_modules, merge_adapters, remove_adapters
 from .quant import dequantize_nf4
 from .report import atomic_write, comparison_table
 
@@ -44,18 +46,6 @@ class EvalConfig:
     output_dir: str = opt("runs/eval", "where reports go (one subfolder per run)")
     device: str = opt("auto", "cpu, cuda or auto")
     dtype: str = opt("auto", "auto, fp32 or bf16")
-
-
-def _check_base(expected_model: str):
-    def check(raw: dict) -> None:
-        base = raw.get("base_model_name_or_path")
-        if base and base != expected_model and Path(base).name != Path(expected_model).name:
-            raise ValueError(
-                f"adapter was trained on base model {base!r}, but --model is {expected_model!r}; "
-                "pass the adapter's base model"
-            )
-
-    return check
 
 
 def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
@@ -90,11 +80,13 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     merge_notes = {}
     for index, adapter_dir in enumerate(cfg.adapter):
         name = Path(adapter_dir).resolve().name if len(cfg.adapter) == 1 else f"adapter{index + 1}-{Path(adapter_dir).name}"
-        load_adapter(model, adapter_dir, config_check=_check_base(cfg.model))
+        load_adapter(model, adapter_dir, config_check=base_model_check(cfg.model))
         results[name] = one(name, adapter_dir)
         if cfg.check_merge:
             if cfg.qlora:  # merge onto the NF4 weights the adapter was trained against, dequantized
                 dequantize_nf4(model, dtype)
+            else:  # unmerging leaves rounding drift (1e-3 in bf16): the next adapter gets these back
+                originals = {name: layer.base_layer.weight.detach().clone() for name, layer in lora_modules(model)}
             merge_adapters(model)
             merged = one(name + "-merged", adapter_dir)
             results[name + "-merged"] = merged
@@ -106,6 +98,10 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
         if cfg.check_merge and cfg.qlora:  # the base was dequantized: reload it for the next adapter
             loaded, _ = build_model(cfg.model, device, dtype, cfg.qlora)
             model = loaded.model
+        elif cfg.check_merge:
+            with torch.no_grad():
+                for name, weight in originals.items():
+                    model.get_submodule(name).weight.copy_(weight)
 
     table = comparison_table({name: m for name, m in results.items()})
     summary = f"# Evaluation of {cfg.model} on the {cfg.split} split ({len(examples)} rows, method {cfg.method})\n\n{table}\n"

@@ -19,7 +19,7 @@ from .allocator import reexec_with_preferred_malloc
 def main(argv=None) -> int:
     import torch  # with the modules below, after the malloc choice under __main__
 
-    from .adapter_io import load_adapter
+    from .adapter_io import base_model_check, load_adapter
     from .device import pick_device, pick_dtype
     from .finetune import build_model, make_formatter
     from .prompts import DEFAULT_LABELS
@@ -40,13 +40,17 @@ def main(argv=None) -> int:
     if not sentences:
         print("error: no sentences given (arguments or stdin)", file=sys.stderr)
         return 2
-    device = pick_device(args.device)
-    loaded, tokenizer = build_model(args.model, device, pick_dtype(device, args.dtype), args.qlora)
-    if args.adapter:
-        load_adapter(loaded.model, args.adapter)
-    labels = tuple(label.strip() for label in args.labels.split(","))
-    formatter = make_formatter(tokenizer, args.prompt_format, args.prompt_template, labels)
-    logprobs = label_logprobs(loaded.model, formatter, sentences)
+    try:
+        device = pick_device(args.device)
+        loaded, tokenizer = build_model(args.model, device, pick_dtype(device, args.dtype), args.qlora)
+        if args.adapter:
+            load_adapter(loaded.model, args.adapter, config_check=base_model_check(args.model))
+        labels = tuple(label.strip().lower() for label in args.labels.split(","))  # as training's data reader
+        formatter = make_formatter(tokenizer, args.prompt_format, args.prompt_template, labels)
+        logprobs = label_logprobs(loaded.model, formatter, sentences)
+    except (ValueError, OSError, RuntimeError, ImportError) as err:  # as train.py / eval.py: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     probabilities = torch.softmax(logprobs, dim=1)
     for sentence, probs in zip(sentences, probabilities.tolist()):
         best = max(range(len(labels)), key=lambda i: probs[i])

@@ -99,6 +99,33 @@ def test_adapter_for_another_base_model_is_refused(setup, tmp_path):
         run_comparison(_cfg(setup, tmp_path / "out", model=str(other)), **QUIET)
 
 
+def test_predict_refuses_an_adapter_for_another_base_in_one_line(setup, tmp_path, capsys):
+    from minilora.predict import main
+
+    folder, _, adapters, _ = setup
+    other = save_tiny_checkpoint(tmp_path / "other", hf_model(tiny_llama_config(), seed=5))  # same shapes
+    capsys.readouterr()  # the save's progress bar
+    assert main(["--model", str(other), "--adapter", str(adapters["plain"]), "w1 w2"]) == 2
+    assert capsys.readouterr().err.startswith("error: adapter was trained on base model")
+    assert main(["--model", str(folder), "--adapter", str(tmp_path / "missing"), "w1 w2"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_check_merge_gives_each_next_adapter_the_original_base(setup, tmp_path):
+    """Unmerging in place leaves rounding drift (1e-3 in bf16); a later adapter must not see it."""
+    plain = str(setup[2]["plain"])
+    run_comparison(_cfg(setup, tmp_path / "solo", baseline=False, dtype="bf16"), **QUIET)
+    both = run_comparison(_cfg(setup, tmp_path / "both", adapter=[plain, plain], baseline=False, dtype="bf16",
+                               check_merge=True), **QUIET)
+    assert set(both) == {"adapter1-plain", "adapter1-plain-merged", "adapter2-plain", "adapter2-plain-merged"}
+
+    def logprobs(folder):
+        with (folder / "predictions.csv").open() as f:
+            return [[float(v) for k, v in row.items() if k.startswith("logprob_")] for row in csv.DictReader(f)]
+
+    assert logprobs(tmp_path / "both" / "adapter2-plain") == logprobs(tmp_path / "solo" / "plain")
+
+
 def test_adapter_with_other_shapes_is_refused(setup, tmp_path):
     folder, data, adapters, _ = setup
     other = save_tiny_checkpoint(tmp_path / "model", hf_model(tiny_llama_config(hidden_size=32)))
