@@ -169,6 +169,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dic
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object with peft's adapter fields, found {type(raw).__name__}")
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}; minilora loads only 'LORA' adapters")
     missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in raw]

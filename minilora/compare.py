@@ -34,6 +34,7 @@ class EvalConfig:
     split_protocol: str = opt("seed", "seed or standard (1,212 test rows)", choices=["seed", "standard"])
     train_per_class: int = opt(300, "seed protocol: training rows per class")
     test_per_class: int = opt(300, "seed protocol: test rows per class")
+    skip_bad_rows: bool = opt(False, "drop bad rows instead of stopping (use the training run's setting)")
     seed: int = opt(42, "seed of the split (use the training run's)")
     split: str = opt("test", "which split to evaluate", choices=["train", "validation", "test"])
     limit: int = opt(0, "evaluate a seeded random subset of N rows (0: all)")
@@ -52,7 +53,8 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     if not cfg.adapter and not cfg.baseline:
         raise ValueError("nothing to evaluate: give --adapter DIR and/or keep --baseline")
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
-                                   train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed)
+                                   train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed,
+                                   skip_bad_rows=cfg.skip_bad_rows)
     examples = getattr(splits, cfg.split)
     examples = subset_rows(examples, cfg.limit, cfg.seed)
     if not examples:

@@ -127,7 +127,7 @@ def _finish(rows: Rows, skip_bad_rows: bool) -> Rows:
         more = f"\n  ... and {len(rows.bad_rows) - 10} more" if len(rows.bad_rows) > 10 else ""
         raise DataError(
             f"{len(rows.bad_rows)} bad row(s) in {rows.source} "
-            f"(pass skip_bad_rows=True to drop and count them):\n  {shown}{more}"
+            f"(pass --skip-bad-rows, or skip_bad_rows=True in Python, to drop and count them):\n  {shown}{more}"
         )
     if not rows.examples:
         raise DataError(f"{rows.source}: no valid rows ({len(rows.bad_rows)} bad row(s))")
@@ -226,6 +226,18 @@ def _table_record(
     rows.splits.append(split)
 
 
+def _not_utf8(path: Path) -> DataError:
+    """Where the first byte that is not UTF-8 sits (the text reader only knows its chunk)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        where = f" at line {line} (byte {data[err.start:err.start + 1]!r})"
+    return DataError(f"{path}: not UTF-8 text{where}; save the file as UTF-8")
+
+
 def read_table(
     path: str | Path, labels: tuple[str, ...] = DEFAULT_LABELS, skip_bad_rows: bool = False
 ) -> Rows:
@@ -240,14 +252,21 @@ def read_table(
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            if "text" not in columns or "label" not in columns:
-                raise DataError(f"{path}: header has columns {columns}, expected 'text' and 'label'")
-            for record in reader:
-                _table_record(record, f"{path}:{reader.line_num}", labels, rows, "split" in columns)
+            try:
+                columns = reader.fieldnames or []
+                if "text" not in columns or "label" not in columns:
+                    raise DataError(f"{path}: header has columns {columns}, expected 'text' and 'label'")
+                for record in reader:
+                    _table_record(record, f"{path}:{reader.line_num}", labels, rows, "split" in columns)
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
     elif path.suffix.lower() in (".jsonl", ".json"):
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
         records = []  # (line number, object); parsed first so we know whether any row has a split
-        for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:

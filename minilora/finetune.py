@@ -83,6 +83,8 @@ class RunConfig:
     prompt_template: str | None = opt(None, "file with a prompt template containing one {text} slot")
     prompt_format: str = opt("auto", "chat: through the checkpoint's chat template; plain: raw instruction; "
                                      "auto: chat when the checkpoint has a template", choices=["auto", "chat", "plain"])
+    skip_bad_rows: bool = opt(False, "drop rows with an empty text or an unknown label (counted in data_info.json) "
+                                     "instead of stopping")
     seed: int = opt(42, "seed of splits, adapter init, data order and dropout")
     eval_every: int = opt(25, "validate (loss + accuracy) every N steps; 0: only at the end")
     val_limit: int = opt(150, "validation rows used (0: all)")
@@ -203,7 +205,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     seed_everything(cfg.seed)
 
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
-                                   train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed)
+                                   train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed,
+                                   skip_bad_rows=cfg.skip_bad_rows)
     log(f"data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test rows")
     for name, rows in (("training", splits.train), ("test", splits.test)):
         if not rows:  # the run trains on one and ends by evaluating the other

@@ -122,6 +122,9 @@ def test_load_errors_are_specific(tmp_path):
     config_path.write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="peft_type is 'IA3'; minilora loads only 'LORA' adapters"):
         load_adapter(source, tmp_path / "a")
+    config_path.write_text("[]")
+    with pytest.raises(ValueError, match="adapter_config.json: expected a JSON object .* found list"):
+        load_adapter(source, tmp_path / "a")
     config_path.write_text(json.dumps({**config, "rank_pattern": {"q_proj": 8}}))
     with pytest.raises(ValueError, match=r"rank_pattern=\{'q_proj': 8\} is not supported"):
         load_adapter(source, tmp_path / "a")

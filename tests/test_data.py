@@ -214,6 +214,24 @@ def test_table_bad_rows_name_line(tmp_path):
     assert len(read_table(path, skip_bad_rows=True).bad_rows) == 2
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path, suffix):
+    rows = ['text,label', 'ok .,neutral', 'Caf\u00e9 sales rose .,positive'] if suffix == ".csv" else [
+        '{"text": "ok .", "label": "neutral"}', '{"text": "Caf\u00e9 sales rose .", "label": "positive"}']
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(DataError, match=rf"latin1\{suffix}: not UTF-8 text at line 3 .*xe9.*save the file as UTF-8"
+                       if suffix == ".csv" else rf"latin1\{suffix}: not UTF-8 text at line 2 "):
+        read_table(path)
+
+
+def test_the_bad_row_message_names_the_cli_flag(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nok .,neutral\n,positive\n")
+    with pytest.raises(DataError, match="pass --skip-bad-rows"):
+        read_table(path)
+
+
 def test_given_split_column_used_and_leak_rejected(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text(

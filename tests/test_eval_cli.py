@@ -140,6 +140,15 @@ def test_empty_data_file_is_refused(setup, tmp_path):
         run_comparison(_cfg(setup, tmp_path / "out", data=str(empty)), **QUIET)
 
 
+def test_skip_bad_rows_drops_them(setup, tmp_path):
+    data = tmp_path / "rows.csv"
+    data.write_text(setup[1].read_text() + ",neutral,test\n")  # an empty text
+    with pytest.raises(DataError, match="1 bad row"):
+        run_comparison(_cfg(setup, tmp_path / "out", data=str(data)), **QUIET)
+    results = run_comparison(_cfg(setup, tmp_path / "out", data=str(data), skip_bad_rows=True), **QUIET)
+    assert results["plain"]["n"] == 6
+
+
 def test_unknown_label_is_refused(setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "w1", "label": "bullish"}) + "\n")
