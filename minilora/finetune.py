@@ -7,6 +7,7 @@ adapters (A is drawn here, after seeding), freeze, train, save, evaluate.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -67,7 +68,8 @@ class RunConfig:
     lora_alpha: float = opt(32.0, "adapter scale numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the adapter input")
     use_rslora: bool = opt(False, "rank-stabilised scale alpha / sqrt(r)")
-    target_modules: str = opt(DEFAULT_TARGETS, "comma-separated module names, or all-linear")
+    target_modules: str = opt(DEFAULT_TARGETS, "comma-separated module names (matched as name suffixes), "
+                                               "all-linear, or a regex matched against the full module name")
     qlora: bool = opt(False, "quantize the frozen base to NF4 (bitsandbytes) while loading")
     dequantize_once: bool = opt(False, "QLoRA: dequantize each NF4 weight once per optimizer step and keep it for "
                                        "the step (fewer dequantizations; holds the block weights in the compute dtype)")
@@ -97,8 +99,9 @@ class RunConfig:
                              "bf16), fp32, bf16")
 
     def lora_config(self) -> LoraConfig:
-        targets = "all-linear" if self.target_modules == "all-linear" else [
-            t.strip() for t in self.target_modules.split(",") if t.strip()]
+        targets: str | list[str] = self.target_modules  # "all-linear", or a regex matched in full, as in peft
+        if targets != "all-linear" and not re.search(r"[*+?\[\](){}|^$\\]", targets):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]  # plain names: suffixes
         return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=targets,
                           use_rslora=self.use_rslora, variant=self.adapter)
 

@@ -342,6 +342,21 @@ def test_a_validation_row_longer_than_max_seq_len_does_not_stop_the_run(tiny_dir
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["val_loss"]) for r in records)
 
 
+def test_target_modules_flag_takes_names_all_linear_or_a_regex(tiny_dir):
+    from minilora.lora import find_targets
+
+    model = load_model(tiny_dir).model
+    layers = model.config.num_layers
+    def targets(flag):
+        return find_targets(model, RunConfig(target_modules=flag).lora_config())
+
+    assert len(targets("q_proj, v_proj")) == 2 * layers
+    assert len(targets("all-linear")) == 7 * layers
+    assert targets(r"model\.layers\.0\.self_attn\.(q|v)_proj") == ["model.layers.0.self_attn.q_proj",
+                                                                  "model.layers.0.self_attn.v_proj"]
+    assert targets("layers.1.mlp.up_proj") == ["model.layers.1.mlp.up_proj"]  # a dotted name is a suffix
+
+
 def test_unknown_model_is_refused(tiny_csv, tmp_path):
     from minilora.checkpoint import CheckpointError
 
