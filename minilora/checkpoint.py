@@ -34,6 +34,8 @@ HUB_FILE_PATTERNS = [
 ]
 # multimodal Gemma 3 checkpoints keep the text decoder under another prefix: the one rename we do
 TEXT_DECODER_PREFIXES = ("language_model.model.", "model.language_model.")
+# ... and the image side, which the text decoder does not use: left unread
+IMAGE_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 class CheckpointError(RuntimeError):
@@ -70,15 +72,21 @@ def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     token = os.environ.get("HF_TOKEN")
+    missing = "is not in the local Hugging Face cache"
     try:  # local cache first: no network round trip when the files are already there
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS, local_files_only=True, token=token))
+        local = Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS, local_files_only=True, token=token))
+        lacking = _missing_files(local)
+        if not lacking:
+            return local
+        # e.g. only config and tokenizer cached (by AutoTokenizer), or an interrupted download
+        missing = f"is only partly in the local Hugging Face cache (no {', '.join(lacking[:3])})"
     except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or a broken cache: try the Hub
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     if offline:
         raise CheckpointError(
-            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+            f"model {repo_id!r} {missing} ({cache}) and HF_HUB_OFFLINE is set; "
             "download it where the Hub is reachable, pass a local folder, or use a packaged model "
             "(gemma-3-270m, smollm2-135m-instruct)"
         )
@@ -92,10 +100,25 @@ def _download_from_hub(repo_id: str) -> Path:
         raise CheckpointError(f"model {repo_id!r} was not found on the Hub (or needs HF_TOKEN)") from err
     except Exception as err:  # connection errors come in many classes
         raise CheckpointError(
-            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and the Hub could not be reached "
+            f"model {repo_id!r} {missing} ({cache}) and the Hub could not be reached "
             f"({err.__class__.__name__}: {err}); pass a local folder or a packaged model "
             "(gemma-3-270m, smollm2-135m-instruct)"
         ) from err
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """What a checkpoint folder lacks to load: config.json, tokenizer.json, the weights (every shard)."""
+    lacking = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            return lacking + [index.name]  # unreadable: fetch it again
+        lacking += [shard for shard in shards if not (folder / shard).is_file()]
+    elif not (folder / "model.safetensors").is_file():
+        lacking.append("model.safetensors")
+    return lacking
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -208,7 +231,7 @@ def _check_keys(model: CausalLM, source: TensorSource, folder: Path) -> None:
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     if model.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    found = source.keys()
+    found = {key for key in source.keys() if not key.startswith(IMAGE_PREFIXES)}
     if model.config.tie_word_embeddings:
         found.discard("lm_head.weight")  # some tied checkpoints still store a copy: ignored
     missing, unexpected = sorted(expected - found), sorted(found - expected)

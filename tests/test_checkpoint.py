@@ -147,6 +147,57 @@ def test_hub_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):
         resolve_checkpoint("google/gemma-3-1b-it")
 
 
+def test_a_partly_cached_hub_id_is_completed_from_the_hub_or_named_offline(llama_dir, tmp_path, monkeypatch):
+    """AutoTokenizer / AutoConfig cache only config and tokenizer: that snapshot is not a checkpoint."""
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    snapshot = _fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", llama_dir[0])
+    (snapshot / "model.safetensors").unlink()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"only partly in the local Hugging Face cache \(no model.safetensors\)"):
+        resolve_checkpoint("tiny-org/tiny-llama")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+
+    def download(repo_id, local_files_only=False, **kwargs):  # the Hub, faked: it completes the snapshot
+        calls.append(local_files_only)
+        if not local_files_only:
+            shutil.copy(llama_dir[0] / "model.safetensors", snapshot / "model.safetensors")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert resolve_checkpoint("tiny-org/tiny-llama") == snapshot
+    assert calls == [True, False]  # the cache first, then the Hub for what it lacked
+    assert load_model("tiny-org/tiny-llama").config.num_layers == 3
+
+
+def test_a_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: the text decoder under another prefix, plus a
+    vision tower and projector that text fine-tuning does not read."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from tests.tiny import randomize_
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=tiny_gemma_config().to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=150, boi_token_index=151, eoi_token_index=152)
+    torch.manual_seed(0)
+    reference = Gemma3ForConditionalGeneration(config).eval()
+    randomize_(reference)
+    reference.save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path, 160)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        got = load_model(tmp_path).model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(CheckpointError, match="not a local folder, not a packaged model"):
         resolve_checkpoint("no-such-model")
