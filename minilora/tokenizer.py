@@ -63,6 +63,9 @@ class Tokenizer:
         probe = self.backend.encode("a", add_special_tokens=True).ids
         self.adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
         self.chat_template = self._find_chat_template(config)
+        # every special token tokenizer_config.json names, for templates that write e.g. {{ pad_token }}
+        self.template_tokens = {key: text for key in ("unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+                                if (text := _token_text(config.get(key))) is not None}
 
     def _special_id(self, token: Any, fallback_id: Any) -> int | None:
         text = _token_text(token)
@@ -118,21 +121,34 @@ class Tokenizer:
         writes it, so encode it with add_special_tokens=False (BOS exactly once)."""
         if not self.chat_template:
             raise TokenizerError(f"{self.folder}: this checkpoint has no chat template (tokenizer_config.json)")
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str):
             raise TokenizerError(f"chat template of {self.folder}: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # as transformers renders templates: non-ASCII text stays as it is (jinja's own escapes it)
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        # the environment transformers gives templates: loop controls ({% break %}), the same helpers
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         specials = {
+            **self.template_tokens,
             "bos_token": self.token(self.bos_id) if self.bos_id is not None else "",
             "eos_token": self.token(self.eos_id),
         }
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **specials
+            )
+        except TemplateError as err:
+            raise TokenizerError(f"chat template of {self.folder}: {err.__class__.__name__}: {err}") from err
 
     def end_of_turn_id(self) -> int:
         """The token that closes an assistant turn in the chat template (Gemma `<end_of_turn>`,
@@ -143,6 +159,9 @@ class Tokenizer:
         rendered = self.apply_chat_template(
             [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], add_generation_prompt=False
         )
+        if marker not in rendered:
+            raise TokenizerError(f"chat template of {self.folder}: an assistant message does not appear verbatim "
+                                 "in the rendered turn, so the token that ends the turn cannot be found")
         tail = rendered.split(marker, 1)[1]
         ids = self.backend.encode(tail, add_special_tokens=False).ids
         if not ids:

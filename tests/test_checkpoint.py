@@ -221,3 +221,37 @@ def test_chat_template_renders_and_finds_end_of_turn(tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": "w9"}])
     assert text == "<bos><user> w9 <eot> <assistant> "
     assert tok.end_of_turn_id() == 3
+
+
+@pytest.mark.parametrize("template", [
+    # tojson (as Qwen / Llama 3 tool templates use it), non-ASCII content included
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] | tojson }} <eot> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}",
+    # loop controls and a special token other than bos / eos
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+    "<{{ m['role'] }}> {{ m['content'] }} <eot> {{ pad_token }}{% if loop.index > 5 %}{% break %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}",
+])
+def test_chat_templates_render_as_transformers_renders_them(tmp_path, template):
+    from transformers import PreTrainedTokenizerFast
+
+    write_tiny_tokenizer(tmp_path, chat_template=template)
+    ours, reference = Tokenizer(tmp_path), PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "w9 caf\u00e9 \U0001f600"}]
+    for generation_prompt in (True, False):
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == \
+            reference.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    ours.end_of_turn_id()  # renders an assistant turn (it raised IndexError under tojson)
+    if "tojson" not in template:  # there the quote closing the JSON string comes first
+        assert ours.end_of_turn_id() == 3  # <eot>
+
+
+def test_a_broken_chat_template_is_a_tokenizer_error_naming_the_folder(tmp_path):
+    from minilora.tokenizer import TokenizerError
+
+    write_tiny_tokenizer(tmp_path, chat_template="{% for m in messages %}{{ m['content'] }}")  # no endfor
+    with pytest.raises(TokenizerError, match=f"chat template of {tmp_path}: TemplateSyntaxError"):
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "w9"}])
+    write_tiny_tokenizer(tmp_path, chat_template="{% for m in messages %}{{ m['content'][:2] }}<eot>{% endfor %}")
+    with pytest.raises(TokenizerError, match="does not appear verbatim"):
+        Tokenizer(tmp_path).end_of_turn_id()
