@@ -220,7 +220,7 @@ def _gemma3_config(r: _Reader) -> ModelConfig:
         rope_local=rope_local,
         layer_types=_gemma3_layer_types(r, shared["num_layers"]),
         sliding_window=int(r.get("sliding_window", 4096)),
-        attention_scale=float(r.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+        attention_scale=float(r.get("query_pre_attn_scalar", 256)) ** -0.5,  # transformers' default, not head_dim
         norm_unit_offset=True,
         embed_scale=math.sqrt(shared["hidden_size"]),
         qk_norm=True,

@@ -34,6 +34,8 @@ def generate(
 
     Prompts are left-padded so every row's next token is at the last position; with use_cache=False
     the whole sequence is recomputed each step (the reference the cached path is tested against)."""
+    if not prompts:
+        return []
     device = next(model.parameters()).device
     model.eval()
     ids, mask = _pad_left(prompts, pad_id, device)

@@ -31,7 +31,7 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def cache_dir() -> Path:
     """Where minilora keeps converted checkpoints: $MINILORA_CACHE, else ~/.cache/minilora."""
-    return Path(os.environ.get("MINILORA_CACHE") or Path.home() / ".cache" / "minilora")
+    return Path(os.environ.get("MINILORA_CACHE") or Path.home() / ".cache" / "minilora").expanduser()
 
 
 def resolve_packaged(name: str) -> Path | None:

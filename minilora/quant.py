@@ -124,6 +124,9 @@ class NF4Linear(nn.Module):
         # dtype casts leave the uint8 codes alone (only floating tensors are cast).
         super()._apply(fn, recurse)
         self.quant_state.to(self.weight_nf4.device)
+        if self.bias is not None and self.bias.dtype != self.compute_dtype:
+            # model.to(bf16) casts the bias too; the layer computes in compute_dtype, as without a bias
+            self.bias.data = self.bias.data.to(self.compute_dtype)
         return self
 
     def extra_repr(self) -> str:

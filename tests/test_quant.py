@@ -41,6 +41,16 @@ def test_nf4_compute_dtype_and_state_dict():
     nf4.to(torch.float16)  # a dtype cast leaves the uint8 codes alone
     assert nf4.weight_nf4.dtype == torch.uint8
 
+    # ... and the bias back in the compute dtype, so that a layer with a bias still runs after model.to(...)
+    # (as bitsandbytes' Linear4bit; this bias is exact in bf16, so its round trip loses nothing)
+    bias = torch.randn(32).bfloat16().float()
+    biased = NF4Linear.from_weight(torch.randn(32, 64), bias, compute_dtype=torch.float32)
+    x = torch.randn(3, 64)
+    expected = biased(x)
+    biased.to(torch.bfloat16)
+    assert biased.bias.dtype == torch.float32
+    torch.testing.assert_close(biased(x), expected, rtol=0, atol=0)
+
     # quantization runs where the weight is put: `device` moves it first; .to() carries the quant state along
     nf4 = NF4Linear.from_weight(torch.randn(32, 64), double_quant=True, device="cpu").to("cpu")
     assert nf4.weight_nf4.device == nf4.quant_state.absmax.device == nf4.quant_state.state2.absmax.device

@@ -107,6 +107,10 @@ def test_validation_scores_with_merged_adapters_equal_unmerged(tiny):
     assert abs(merged["loss"] - unmerged["loss"]) < 1e-5
 
 
+def test_generation_of_no_prompts_is_empty(tiny):
+    assert generate(tiny[0], [], max_new_tokens=3, stop_ids={2}, pad_id=0) == []
+
+
 def test_generation_with_cache_equals_without(tiny):
     model, tok = tiny
     fmt = PromptFormatter(tok)
