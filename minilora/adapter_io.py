@@ -344,6 +344,10 @@ def export_merged(
         if (source / name).is_file() and name != "config.json":
             _atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
     config = json.loads((source / "config.json").read_text())
+    if config.get("model_type") == "gemma3":  # multimodal source: the export is its text decoder alone
+        text = config.get("text_config") or {}
+        config = {**text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+                  **{key: config[key] for key in ("torch_dtype", "dtype") if key in config and key not in text}}
     config.pop("quantization_config", None)
     dtype_name = str(dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):

@@ -460,6 +460,13 @@ def load_dataset(
     labels = tuple(label.strip().lower() for label in labels)
     if protocol not in ("seed", "standard"):
         raise DataError(f"protocol: found {protocol!r}, expected 'seed' or 'standard'")
+    for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
+        if value < 1:  # a negative count would make the slices overlap and read as a leak
+            raise DataError(f"{name} (--{name.replace('_', '-')}): found {value}, expected >= 1")
+    if not 0 <= validation_fraction < 1:
+        raise DataError(f"validation_fraction: found {validation_fraction}, expected a fraction in [0, 1)")
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test_fraction: found {test_fraction}, expected a fraction in (0, 1)")
     path = fetch_phrasebank_zip() if source is None else Path(source)
     is_table = path.suffix.lower() in (".csv", ".jsonl", ".json")
     if is_table:

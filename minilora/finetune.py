@@ -122,6 +122,8 @@ def check_settings(cfg: RunConfig) -> None:
                         ("--max-seq-len", cfg.max_seq_len)):
         if value < 1:
             raise RunError(f"{flag} must be >= 1, found {value}")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise RunError(f"--warmup-ratio must be in [0, 1], found {cfg.warmup_ratio}")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise RunError(f"--epochs must be > 0 (or --max-steps > 0), found {cfg.epochs}")
     for flag, value in (("--eval-every", cfg.eval_every), ("--save-every", cfg.save_every),

@@ -167,3 +167,25 @@ def test_export_merged_qlora_loads_in_transformers(tmp_path, family):
 
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             assert "lm_head.weight" not in f.keys()
+
+
+def test_export_merged_of_a_multimodal_gemma3_is_its_text_decoder(tmp_path):
+    """The loader reads the text decoder out of Gemma3ForConditionalGeneration; the export must say so in its
+    config, or transformers loads the merged tensors into nothing and leaves every weight random."""
+    from transformers import AutoModelForCausalLM
+
+    from minilora.checkpoint import load_model
+    from tests.tiny import save_tiny_multimodal_gemma
+
+    save_tiny_multimodal_gemma(tmp_path / "src")
+    model = load_model(tmp_path / "src").model
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+    perturb_(adapter_parameters(model))
+    out = export_merged(model, tmp_path / "src", tmp_path / "out", dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)

@@ -178,19 +178,9 @@ def test_a_partly_cached_hub_id_is_completed_from_the_hub_or_named_offline(llama
 def test_a_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):
     """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: the text decoder under another prefix, plus a
     vision tower and projector that text fine-tuning does not read."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from tests.tiny import save_tiny_multimodal_gemma
 
-    from tests.tiny import randomize_
-
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=tiny_gemma_config().to_dict(), vision_config=vision.to_dict(),
-                          mm_tokens_per_image=4, image_token_index=150, boi_token_index=151, eoi_token_index=152)
-    torch.manual_seed(0)
-    reference = Gemma3ForConditionalGeneration(config).eval()
-    randomize_(reference)
-    reference.save_pretrained(tmp_path)
-    write_tiny_tokenizer(tmp_path, 160)
+    reference = save_tiny_multimodal_gemma(tmp_path)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(input_ids=ids).logits

@@ -183,6 +183,20 @@ def test_class_too_small_raises(tmp_path):
         load_dataset(path, train_per_class=2, test_per_class=2)
 
 
+@pytest.mark.parametrize("setting,message", [
+    (dict(train_per_class=-1), r"train_per_class \(--train-per-class\): found -1, expected >= 1"),
+    (dict(test_per_class=0), r"test_per_class \(--test-per-class\): found 0"),
+    (dict(protocol="standard", validation_fraction=-0.1), r"validation_fraction: found -0.1, expected .* \[0, 1\)"),
+    (dict(protocol="standard", validation_fraction=1.0), r"validation_fraction: found 1.0"),
+    (dict(protocol="standard", test_fraction=-0.1), r"test_fraction: found -0.1, expected .* \(0, 1\)"),
+])
+def test_counts_and_fractions_out_of_range_are_named(tmp_path, setting, message):
+    """A negative count or fraction used to swap what is picked and what is left (or read as a leak)."""
+    path = _synthetic(tmp_path / "s.txt", {"positive": 20, "neutral": 20, "negative": 20})
+    with pytest.raises(DataError, match=message):
+        load_dataset(path, **{"train_per_class": 2, "test_per_class": 2, **setting})
+
+
 def test_standard_split_on_synthetic(tmp_path):
     path = _synthetic(tmp_path / "s.txt", {"positive": 40, "neutral": 100, "negative": 20})
     splits = load_dataset(path, protocol="standard", seed=3)

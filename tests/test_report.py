@@ -126,3 +126,12 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path):
     path = atomic_write(tmp_path / "x" / "f.txt", "one")
     atomic_write(path, b"two")
     assert path.read_text() == "two" and os.listdir(path.parent) == ["f.txt"]
+
+
+def test_reports_are_as_readable_as_any_file_the_umask_allows(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600

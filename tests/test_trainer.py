@@ -274,6 +274,7 @@ def test_overwrite_never_empties_a_folder_that_holds_no_run(tiny_dir, tiny_csv, 
     (dict(grad_accum=0), "--grad-accum must be >= 1, found 0"),
     (dict(max_steps=-1, epochs=0), "--epochs must be > 0"),
     (dict(save_every=-2), "--save-every must be >= 0, found -2"),
+    (dict(warmup_ratio=1.5), r"--warmup-ratio must be in \[0, 1\], found 1.5"),
     (dict(lora_dropout=1.0), r"adapter settings: .*dropout must be in \[0, 1\)"),
 ])
 def test_settings_out_of_range_are_refused_before_anything_is_written(tiny_dir, tiny_csv, tmp_path, setting, message):

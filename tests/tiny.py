@@ -122,3 +122,20 @@ def ragged_batch(lengths: list[int], side: str, gen: torch.Generator) -> tuple[t
         where = slice(width - n, width) if side == "left" else slice(0, n)
         ids[i, where], mask[i, where] = torch.randint(3, 128, (n,), generator=gen), 1
     return ids, mask
+
+
+def save_tiny_multimodal_gemma(folder):
+    """A Gemma3ForConditionalGeneration checkpoint (text decoder + a one-layer SigLIP tower), as Gemma 3 4B+
+    ship; returns the transformers model."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=tiny_gemma_config().to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=150, boi_token_index=151, eoi_token_index=152)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    randomize_(model)
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder, 160)
+    return model
