@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import _type_traits as GGUF_QUANT_TRAITS
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -65,6 +66,28 @@ _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe"}
 
 
 # ---------------------------------------------------------------------------------------- metadata
+def open_gguf(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as err:  # numpy's view / reshape errors on a cut file
+        raise ValueError(f"{path}: cannot read it as GGUF ({err}); is the file truncated or corrupt?") from err
+
+
+def _check_convertible(meta: dict, reader: GGUFReader, path: Path) -> None:
+    """Everything the conversion reads, checked before any tensor is dequantized."""
+    arch = _architecture(meta, path)
+    required = [f"{arch}.{key}" for key in ("embedding_length", "feed_forward_length", "block_count",
+                                            "attention.head_count", "attention.layer_norm_rms_epsilon",
+                                            "context_length")] + ["tokenizer.ggml.tokens", "tokenizer.ggml.model"]
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type
+        if kind not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and kind not in GGUF_QUANT_TRAITS:
+            raise ValueError(f"{path}: tensor {tensor.name} has type {kind.name}, which gguf cannot dequantize")
+
+
 def read_metadata(reader: GGUFReader) -> dict:
     """Every metadata field of a GGUF file as plain Python values (strings, numbers, lists)."""
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
@@ -208,12 +231,19 @@ def build_tokenizer(meta: dict) -> Tokenizer:
             "'llama' (sentencepiece) for gemma3, 'gpt2' (byte-level BPE) for llama"
         )
     _add_special_tokens(tokenizer, meta)
-    if _add_bos(meta):
-        bos = meta["tokenizer.ggml.tokens"][meta["tokenizer.ggml.bos_token_id"]]
+    tokens = meta["tokenizer.ggml.tokens"]
+    # what encode(add_special_tokens=True) adds around the text: BOS before, EOS after, as the file says
+    before = [meta["tokenizer.ggml.bos_token_id"]] if _add_bos(meta) else []
+    after = [meta["tokenizer.ggml.eos_token_id"]] if meta.get("tokenizer.ggml.add_eos_token", False) else []
+    if before or after:
+        def wrap(text: str, type_id: int) -> str:
+            return " ".join([f"{tokens[i]}:{type_id}" for i in before] + [f"{text}:{type_id}"]
+                            + [f"{tokens[i]}:{type_id}" for i in after])
+
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0",
-            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])],
+            single=wrap("$A", 0),
+            pair=wrap("$A", 0) + " " + wrap("$B", 1),
+            special_tokens=[(tokens[i], i) for i in sorted(set(before + after))],
         )
     return tokenizer
 
@@ -360,9 +390,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     an interrupted conversion never leaves a half-written out_dir.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)
     meta = read_metadata(reader)
-    _architecture(meta, gguf_path)
+    _check_convertible(meta, reader, gguf_path)
     config = hf_config(meta, [t.name for t in reader.tensors])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -375,9 +405,16 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         _write_json(tmp / "generation_config.json", generation_config(meta, config))
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes the folder private to its creator
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        if (out_dir / "config.json").is_file():  # another process converted it meanwhile: keep that one
+            shutil.rmtree(tmp)
+            return out_dir
+        shutil.rmtree(out_dir, ignore_errors=True)  # an incomplete folder (not written by this code)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not (out_dir / "config.json").is_file():  # not a race lost to a complete conversion
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -59,10 +59,28 @@ def _packaged_gguf(name: str) -> Path:
             f"(or: pip install {package})"
         )
     if name == "gemma-3-270m":
-        gemma = importlib.import_module(module)
-        return Path(gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME))
+        return _assembled(importlib.import_module(module))
     package_dir = Path(importlib.util.find_spec(module).submodule_search_locations[0])
     return package_dir / _SMOLLM2_FILE
+
+
+def _assembled(chunked) -> Path:
+    """The GGUF of a package that ships it in chunks, assembled once into the cache. assemble() writes
+    its target in place, so it writes to a temporary name here and the whole file is renamed in."""
+    target = cache_dir() / "gguf" / chunked.MODEL_NAME
+    if target.is_file():
+        try:
+            return Path(chunked.assemble(target))  # checks the sha256 of what is there
+        except FileExistsError:  # cut short by an earlier run: assemble it again
+            pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        chunked.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _file_key(path: Path) -> str:

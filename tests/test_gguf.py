@@ -6,6 +6,7 @@ the merge recovery, the cache and the error messages.
 """
 
 import importlib.util
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -69,6 +70,126 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"'gpt2'.*gemma3, llama"):
         mgguf.convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_llama_gguf(path, drop_key=None, tensor_types=None, add_eos=False):
+    """A one-layer llama GGUF from a tiny transformers model (byte-level vocabulary), written the way
+    llama.cpp writes one: q / k permuted, F32 unless `tensor_types` names another type for a tensor."""
+    import gguf
+
+    from tests.tiny import hf_model, tiny_llama_config
+
+    hidden, heads, kv, inter = 64, 4, 2, 96
+    hf = hf_model(tiny_llama_config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                                    num_key_value_heads=kv, num_hidden_layers=1, vocab_size=40))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    metadata = {"context_length": 256, "embedding_length": hidden, "block_count": 1, "feed_forward_length": inter,
+                "attention.head_count": heads, "attention.head_count_kv": kv,
+                "attention.layer_norm_rms_epsilon": 1e-5}
+    for key, value in metadata.items():
+        if key != drop_key:
+            (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"llama.{key}", value)
+    tokens = ["<s>", "</s>", "<pad>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["\u0120", "ab", "ba"]
+    tokens += [f"x{i}" for i in range(40 - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["a b", "b a"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(True)
+    if add_eos:
+        writer.add_add_eos_token(True)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for key, value in hf.state_dict().items():
+        parts = key.split(".")
+        name = top.get(key) or f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.weight"
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            value = llama_cpp_permute(value, heads if "attn_q" in name else kv)
+        array = value.numpy().astype(np.float32)
+        writer.add_tensor(name, array.astype(np.float64) if (tensor_types or {}).get(name) == "F64" else array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("damage,message", [
+    (dict(drop_key="feed_forward_length"), r"metadata lacks llama.feed_forward_length"),
+    (dict(tensor_types={"blk.0.ffn_up.weight": "F64"}), r"tensor blk.0.ffn_up.weight has type F64"),
+    ("truncated", r"cannot read it as GGUF .* truncated or corrupt"),
+])
+def test_a_gguf_that_cannot_be_converted_is_named_before_any_work(tmp_path, damage, message):
+    path = _tiny_llama_gguf(tmp_path / "tiny.gguf", **(damage if isinstance(damage, dict) else {}))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(ValueError, match=rf"tiny.gguf: {message}"):
+        mgguf.convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
+
+
+@pytest.mark.parametrize("add_eos", [False, True])
+def test_converted_tokenizer_adds_what_the_gguf_says_as_transformers_does(tmp_path, add_eos):
+    from transformers import AutoTokenizer
+
+    from minilora.tokenizer import Tokenizer as MiniloraTokenizer
+
+    path = _tiny_llama_gguf(tmp_path / "tiny.gguf", add_eos=add_eos)
+    out = mgguf.convert_gguf(path, tmp_path / "out")
+    expected = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)("ab ba")["input_ids"]
+    assert MiniloraTokenizer(out).encode("ab ba") == expected
+    assert (expected[-1] == 1) == add_eos  # </s> last only when the file asks for it
+
+
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two runs on a fresh cache convert the same file; the second must neither fail nor replace the first."""
+    path = _tiny_llama_gguf(tmp_path / "tiny.gguf")
+    first = mgguf.convert_gguf(path, tmp_path / "first")
+    real_save = mgguf.save_file
+
+    def save_while_another_finishes(tensors, target, **kwargs):
+        real_save(tensors, target, **kwargs)
+        if not (tmp_path / "out").exists():
+            shutil.copytree(first, tmp_path / "out")
+            (tmp_path / "out" / "marker").write_text("the other process's folder")
+
+    monkeypatch.setattr(mgguf, "save_file", save_while_another_finishes)
+    assert mgguf.convert_gguf(path, tmp_path / "out") == tmp_path / "out"
+    assert (tmp_path / "out" / "marker").is_file()  # kept, not deleted under the other process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "out", "tiny.gguf"]  # no temp folder left
+
+
+def test_a_partly_assembled_gguf_is_assembled_again(tmp_path, monkeypatch):
+    """gemma3-270m's assemble() writes the target in place; one interrupted run used to block every later one."""
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
+    whole = b"GGUF" + bytes(range(256)) * 64
+
+    class Chunks:  # assemble()'s contract: verify an existing target, else write it chunk by chunk
+        MODEL_NAME = "model.gguf"
+
+        @staticmethod
+        def assemble(target, overwrite=False):
+            target = Path(target)
+            if target.exists() and not overwrite:
+                if target.read_bytes() != whole:
+                    raise FileExistsError(f"{target} already exists with an unexpected sha256")
+                return target
+            target.write_bytes(whole)
+            return target
+
+    partial = tmp_path / "gguf" / "model.gguf"
+    partial.parent.mkdir()
+    partial.write_bytes(whole[:100])  # what an interrupted assembly leaves
+    assert packaged._assembled(Chunks) == partial and partial.read_bytes() == whole
+    assert packaged._assembled(Chunks) == partial  # and then reused as it is
+    assert [p.name for p in partial.parent.iterdir()] == ["model.gguf"]
 
 
 def test_not_a_short_name():
