@@ -64,6 +64,26 @@ def is_preloaded(library: Path, environ: dict[str, str] | None = None) -> bool:
     return any(Path(entry).name == library.name for entry in entries)
 
 
+def preloaded_malloc(environ: dict[str, str] | None = None) -> str | None:
+    """A malloc the user preloads already (jemalloc, mimalloc, tcmalloc, ...): their choice stands."""
+    environ = os.environ if environ is None else environ
+    entries = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    return next((entry for entry in entries if "malloc" in Path(entry).name), None)
+
+
+def cannot_preload(library: Path) -> str | None:
+    """Why the loader would refuse `library` in LD_PRELOAD (and print errors in every child), or None."""
+    if any(sep in str(library) for sep in " :"):  # LD_PRELOAD splits on both and has no quoting
+        return "has a space or a colon in its path, which LD_PRELOAD cannot hold"
+    try:
+        with library.open("rb") as handle:
+            if handle.read(4) != b"\x7fELF":
+                return "is not a shared library (no ELF header)"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    return None
+
+
 def with_preloaded(library: Path | None, environ: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of `environ` whose processes start on `library` (unchanged for None or if already there)."""
     env = dict(os.environ if environ is None else environ)
@@ -85,6 +105,16 @@ def reexec_with_preferred_malloc() -> None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if library is None or is_preloaded(library):
+        return
+    auto = (os.environ.get(ENV_CHOICE, "auto").strip() or "auto") == "auto"
+    if auto and preloaded_malloc() is not None:
+        return
+    reason = cannot_preload(library)
+    if reason is not None:
+        if not auto:  # asked for by name: as a mistyped path
+            print(f"error: {ENV_CHOICE}={str(library)!r} {reason}", file=sys.stderr)
+            raise SystemExit(2)
+        print(f"minilora: keeping the system malloc: {library} {reason}", file=sys.stderr, flush=True)
         return
     env = with_preloaded(library)
     print(f"minilora: restarting on {library.name} (set {ENV_CHOICE}=system to keep the system malloc)",

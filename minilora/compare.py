@@ -52,6 +52,8 @@ class EvalConfig:
 def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     if not cfg.adapter and not cfg.baseline:
         raise ValueError("nothing to evaluate: give --adapter DIR and/or keep --baseline")
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
                                    train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed,
                                    skip_bad_rows=cfg.skip_bad_rows)
@@ -59,8 +61,6 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     examples = subset_rows(examples, cfg.limit, cfg.seed)
     if not examples:
         raise ValueError(f"the {cfg.split} split is empty")
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(device, cfg.dtype)
     loaded, tokenizer = build_model(cfg.model, device, dtype, cfg.qlora)
     model = loaded.model
     formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)

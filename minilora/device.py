@@ -15,12 +15,18 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto (CUDA when there is one), cpu, cuda or cuda:N; anything else is refused here, before loading."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    return torch.device(name)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -39,7 +45,8 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
             raise ValueError("--dtype fp16: Gemma 3 overflows in fp16 (transformers#36822); use bf16 or fp32")
         return DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        with torch.cuda.device(device):  # the chosen GPU, not the current one
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 

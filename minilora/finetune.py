@@ -206,6 +206,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Train an adapter as configured and evaluate it on the test split; returns the test metrics."""
     check_settings(cfg)
     check_output_dir(cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
     log("config: " + json.dumps(asdict(cfg)))
     seed_everything(cfg.seed)
 
@@ -217,8 +219,6 @@ def run(cfg: RunConfig, log=print) -> dict:
         if not rows:  # the run trains on one and ends by evaluating the other
             raise RunError(f"{cfg.data}: the {name} split is empty")
 
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(device, cfg.dtype)
     loaded, tokenizer = build_model(cfg.model, device, dtype, cfg.qlora)
     model = loaded.model
     formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)

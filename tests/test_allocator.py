@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from minilora.allocator import (ENV_CHOICE, find_tcmalloc, is_preloaded, library_dirs, preferred_malloc,
-                                with_preloaded)
+from minilora.allocator import (ENV_CHOICE, cannot_preload, find_tcmalloc, is_preloaded, library_dirs,
+                                preferred_malloc, preloaded_malloc, with_preloaded)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,3 +109,33 @@ def test_a_mistyped_minilora_malloc_stops_the_script_with_a_clear_error(tmp_path
     out = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2
     assert f"error: {ENV_CHOICE}=" in out.stderr and "libnothere.so" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_libraries_the_loader_would_refuse_are_not_preloaded(tmp_path):
+    assert cannot_preload(_fake_library(tmp_path / "venv", "libtcmalloc.so.4")) is None
+    assert "space or a colon" in cannot_preload(_fake_library(tmp_path / "my venv", "libtcmalloc.so.4"))
+    assert "space or a colon" in cannot_preload(_fake_library(tmp_path / "a:b", "libtcmalloc.so.4"))
+    (tmp_path / "libbroken.so").write_text("not a library")
+    assert "no ELF header" in cannot_preload(tmp_path / "libbroken.so")
+    assert preloaded_malloc({"LD_PRELOAD": "/opt/libother.so /usr/lib/libjemalloc.so.2"}) == "/usr/lib/libjemalloc.so.2"
+    assert preloaded_malloc({"LD_PRELOAD": "/opt/libother.so"}) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is a Linux feature")
+def test_a_library_the_loader_would_refuse_keeps_the_system_malloc_or_stops_when_named(tmp_path):
+    library = find_tcmalloc()
+    if library is None:
+        pytest.skip("no tcmalloc installed here (bash .ci/fetch-tcmalloc puts one into the virtual environment)")
+    spaced = tmp_path / "my venv" / "lib"
+    spaced.mkdir(parents=True)
+    (spaced / library.name).write_bytes(library.read_bytes())
+    env = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", ENV_CHOICE)}
+    env["VIRTUAL_ENV"] = str(tmp_path / "my venv")  # auto finds the copy with a space in its path first
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, cwd=REPO,
+                         env=env)
+    assert out.stdout.strip() == "False" and "keeping the system malloc" in out.stderr
+    assert "ld.so" not in out.stderr and "restarting" not in out.stderr
+    (tmp_path / "libbroken.so").write_text("not a library")
+    env[ENV_CHOICE] = str(tmp_path / "libbroken.so")
+    out = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2 and "no ELF header" in out.stderr and "ld.so" not in out.stderr

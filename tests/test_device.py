@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minilora.device import cpu_has_fast_bf16, pick_dtype
+from minilora.device import cpu_has_fast_bf16, pick_device, pick_dtype
 
 CPU = torch.device("cpu")
 
@@ -34,3 +34,21 @@ def test_an_explicit_dtype_wins_over_the_hardware(monkeypatch):
 def test_unsupported_dtypes_are_refused_with_the_reason(name, message):
     with pytest.raises(ValueError, match=message):
         pick_dtype(CPU, name)
+
+
+@pytest.mark.parametrize("name", ["mps", "meta", "garbage", "CPU", "cpu:0", "cuda:x", "cuda:-1"])
+def test_devices_outside_auto_cpu_cuda_are_refused_by_name(name):
+    with pytest.raises(ValueError, match=rf"--device '{name}': expected auto, cpu, cuda or cuda:N"):
+        pick_device(name)
+
+
+def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
+    assert pick_device("cpu") == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\)"):
+        pick_device("cuda:2")
