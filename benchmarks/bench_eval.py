@@ -31,7 +31,8 @@ import gc
 import sys
 import time
 
-from common import (DEFAULT_DATA, OUTPUT_ONLY_IN_LAST_LAYER, MatmulProbe, environment, linear_shapes, load_splits,
+from common import (DEFAULT_DATA, OUTPUT_ONLY_IN_LAST_LAYER, MatmulProbe, environment, int_at_least,
+                    linear_shapes, load_splits,
                     log, machine_label, make_formatter_for, malloc_in_use, markdown_table, peak_rss_mb,
                     reference_stack_missing, set_threads, write_json)
 
@@ -43,14 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="gemma-3-270m", help="packaged short name or an HF checkpoint folder")
     p.add_argument("--adapter", default=None, help="adapter folder (PEFT layout, e.g. runs/finetune/adapter)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="FinancialPhraseBank zip")
-    p.add_argument("--rows", type=int, default=0, help="use the first N test rows for every method (0: all 900)")
-    p.add_argument("--limit", type=int, default=0, help="run the seeds' generate on the first N of those rows only")
-    p.add_argument("--batch-size", type=int, default=16, help="minilora rows per forward (eval.py's default)")
-    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--rows", type=int_at_least(0), default=0,
+                   help="use the first N test rows for every method (0: all 900)")
+    p.add_argument("--limit", type=int_at_least(0), default=0,
+                   help="run the seeds' generate on the first N of those rows only")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16,
+                   help="minilora rows per forward (eval.py's default)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=4)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"], help="as train.py / eval.py")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--seed", type=int, default=42, help="seed of the data split")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--matmul-seconds", type=float, default=2.0,
                    help="duration of each fp32 matmul rate probe (before and after each timed minilora method)")
     p.add_argument("--smoke", action="store_true", help="8 rows (CI check)")

@@ -56,6 +56,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import int_at_least  # this script's folder is on sys.path when it runs
+
 MB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
 SUPERVISED = 3  # supervised positions at the end of each synthetic row
@@ -451,7 +453,8 @@ def details(loads: list[dict], trains: list[dict], info: dict) -> list[str]:
                        f"{r['peak_anon_growth_mb']:,.0f}), steps {', '.join(f'{t:.2f}' for t in r['step_seconds'])} s, "
                        f"loss {r['loss']:.3f}, worker wall {r.get('wall_s', 0):.0f} s.")
         out.append("  Without checkpointing autograd keeps every block's intermediate activations (attention "
-                   "projections, the 2048-wide MLP, norms) for all 18 blocks; with it only each block's input is kept "
+                   "projections, the MLP's intermediate-wide tensors, norms) for every block; with it only each "
+                   "block's input is kept "
                    "and one block is recomputed at a time in backward, so the saving grows with batch x length.")
         if any(r["variant"] == "nf4" for r in good):
             out.append("  QLoRA: each NF4 weight is dequantized to the compute dtype in the forward and again in the "
@@ -473,11 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m", help="packaged short name, local HF folder or Hub id")
     parser.add_argument("--smoke", action="store_true", help="seq 32, batch 2, fp32 load + one training config")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per config (default 2; smoke 1)")
+    parser.add_argument("--steps", type=int_at_least(1), default=None,
+                        help="training steps per config (default 2; smoke 1)")
     parser.add_argument("--parts", default="load,train,qlora-train",
                         help="comma-separated subset of load, train (fp32 LoRA), qlora-train (ignored with --smoke)")
     parser.add_argument("--seq-lens", default="128,512", help="training sequence lengths (ignored with --smoke)")
-    parser.add_argument("--batch", type=int, default=8, help="training batch size (ignored with --smoke)")
+    parser.add_argument("--batch", type=int_at_least(1), default=8, help="training batch size (ignored with --smoke)")
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="set MALLOC_MMAP_THRESHOLD_ in the workers (glibc): blocks this large are returned "
                              "to the OS when freed, so RSS tracks live tensors (default: glibc's dynamic threshold)")
@@ -502,7 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = parts - {"load", "train", "qlora-train"}
         if unknown:
             parser.error(f"--parts: unknown {sorted(unknown)}; expected load, train, qlora-train")
-        seqs = [int(x) for x in args.seq_lens.split(",") if x.strip()]
+        try:
+            seqs = [int_at_least(1)(x) for x in args.seq_lens.split(",") if x.strip()]
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--seq-lens: {err}")
+        if not seqs:
+            parser.error("--seq-lens: no sequence length given")
         load_jobs = [{"kind": "load", "model": args.model, "qlora": q} for q in (False, True) if "load" in parts]
         train_jobs = []
         if "train" in parts:

@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, log, machine_label, malloc_in_use,
+from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, int_at_least, log, machine_label,
+                    malloc_in_use,
                     markdown_table, median, peak_rss_mb, reference_stack_missing, run_worker, set_threads, step_flops,
                     supervised_positions, write_json)
 
@@ -53,19 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="gemma-3-270m", help="packaged short name (gemma-3-270m, smollm2-135m-instruct) "
                                                            "or an HF checkpoint folder")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="FinancialPhraseBank zip")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (wraps around the rows)")
-    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing median")
-    p.add_argument("--rounds", type=int, default=3, help="minilora / reference alternations")
-    p.add_argument("--rows", type=int, default=0, help="use only the first N training rows (0: all 900)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=256,
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="optimizer steps per run (wraps around the rows)")
+    p.add_argument("--warmup", type=int_at_least(0), default=3, help="first steps left out of the timing median")
+    p.add_argument("--rounds", type=int_at_least(1), default=3, help="minilora / reference alternations")
+    p.add_argument("--rows", type=int_at_least(0), default=0, help="use only the first N training rows (0: all 900)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--max-len", type=int_at_least(1), default=256,
                    help="longest prompt + answer allowed, a guard only: rows are never truncated and batches are "
                         "padded to their longest row (5 gemma rows are 129-138 tokens)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the lr_at schedule")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="lr warm-up fraction of --steps")
     p.add_argument("--weight-decay", type=float, default=0.001)
     p.add_argument("--max-grad-norm", type=float, default=0.3, help="gradient clipping (0: none)")
-    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-r", type=int_at_least(1), default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"], help="as train.py")
@@ -80,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)  # worker side of +qlora
     p.add_argument("--dequantize-once", action="store_true", help=argparse.SUPPRESS)  # worker side of +once
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads for both stacks (default: torch's)")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="intra-op threads for both stacks (default: torch's)")
     p.add_argument("--matmul-seconds", type=float, default=0.4,
                    help="duration of each fp32 matmul rate probe (one before the first step, one after every step)")
     p.add_argument("--malloc", default="cli", choices=MALLOC_CHOICES,
@@ -99,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.configs is None:
         args.configs = SMOKE_CONFIGS if args.smoke else "mlp"
     args.configs = [parse_config(c.strip(), p) for c in args.configs.split(",") if c.strip()]
+    if not args.configs:
+        p.error("--configs: no configuration given")
     return args
 
 
@@ -141,7 +145,10 @@ def worker_env(malloc: str, stack: str) -> dict[str, str]:
 
     if malloc == "system" or (malloc == "cli" and stack == "reference"):
         return {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
-    return with_preloaded(preferred_malloc())
+    try:
+        return with_preloaded(preferred_malloc())
+    except FileNotFoundError as err:  # a mistyped MINILORA_MALLOC: one line, as train.py says it
+        raise SystemExit(f"error: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ workers

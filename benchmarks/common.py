@@ -28,6 +28,22 @@ OUTPUT_ONLY_IN_LAST_LAYER = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_p
 # --------------------------------------------------------------------------------- process / system
 
 
+def int_at_least(minimum: int):
+    """An argparse `type`: an integer >= minimum, else argparse's one-line usage error."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, found {value}")
+        return value
+
+    return parse
+
+
 def malloc_in_use() -> str:
     """The malloc this process runs on: a preloaded tcmalloc / jemalloc shows in its memory map."""
     with open("/proc/self/maps") as maps:
