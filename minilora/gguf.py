@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -396,6 +397,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     config = hf_config(meta, [t.name for t in reader.tensors])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(hf_state_dict(reader, config), tmp / "model.safetensors", metadata={"format": "pt"})
@@ -419,6 +421,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+ABANDONED_AFTER_S = 3600  # a conversion takes about a minute: an older temporary folder is a killed one's
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Temporary folders of conversions killed before their cleanup ran (SIGKILL, OOM): Gemma's is ~1 GB."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*"):
+        try:
+            if folder.is_dir() and time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process
+            pass
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -166,6 +166,21 @@ def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "out", "tiny.gguf"]  # no temp folder left
 
 
+def test_a_killed_conversions_temporary_folder_is_removed_by_the_next_one(tmp_path):
+    import os
+    import time
+
+    path = _tiny_llama_gguf(tmp_path / "tiny.gguf")
+    abandoned, live = tmp_path / ".out.abandoned", tmp_path / ".out.running"
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    hours_ago = time.time() - 2 * mgguf.ABANDONED_AFTER_S
+    os.utime(abandoned, (hours_ago, hours_ago))
+    mgguf.convert_gguf(path, tmp_path / "out")
+    assert not abandoned.exists() and live.is_dir()  # a recent one may be another process's, still running
+
+
 def test_a_partly_assembled_gguf_is_assembled_again(tmp_path, monkeypatch):
     """gemma3-270m's assemble() writes the target in place; one interrupted run used to block every later one."""
     monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
