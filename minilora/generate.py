@@ -74,8 +74,11 @@ def generate(
 
 
 def parse_label(text: str, labels: tuple[str, ...], invalid: str = "invalid") -> str:
-    """The first word of a generation if it is a label (case-insensitive), else `invalid`."""
-    match = re.match(r"\s*[\"'\[(]*([A-Za-z]+)", text)
-    if match and match.group(1).lower() in labels:
-        return match.group(1).lower()
+    """The label a generation starts with, as a whole word (case-insensitive, after spaces and opening
+    quotes or brackets), else `invalid`. Labels may hold digits, '_' or '-' ("1", "strong-buy")."""
+    head = re.sub(r"^\s*[\"'\[(]*", "", text).lower()
+    for label in sorted(labels, key=len, reverse=True):  # "buy" must not win over "buy-more"
+        rest = head[len(label):]
+        if head.startswith(label.lower()) and not (rest[:1].isalnum() or rest[:1] == "_"):
+            return label
     return invalid

@@ -66,9 +66,15 @@ class Selection:
     def of(cls, outputs_at: Tensor, positions: Tensor, valid: Tensor, unpadded: Unpadded | None) -> Selection:
         batch, length = valid.shape
         if outputs_at.dtype == torch.bool:
+            if outputs_at.shape != valid.shape:  # flattened, another shape would pick other rows' tokens
+                raise ValueError(f"outputs_at: a bool mask must have the inputs' shape {tuple(valid.shape)}, "
+                                 f"found {tuple(outputs_at.shape)}")
             flat = outputs_at.reshape(-1).nonzero().squeeze(1)
         else:
             flat = outputs_at.reshape(-1).long()
+            if len(flat) and not (0 <= int(flat.min()) and int(flat.max()) < batch * length):
+                raise ValueError(f"outputs_at: positions index the flat (B * T) = {batch * length} tokens, "
+                                 f"found {int(flat.min())} .. {int(flat.max())}")
         if not bool(valid.reshape(-1)[flat].all()):
             raise ValueError("outputs_at selects a padding position; only real tokens have outputs")
         # slot = number of earlier selections in the same batch row (stable: keeps the caller's order)

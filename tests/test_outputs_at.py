@@ -66,7 +66,6 @@ def test_selected_outputs_after_a_shared_prefix_cache_and_the_cache_stays_comple
     prefix = torch.randint(3, 128, (1, 6), generator=gen)
     rest, mask = _ragged([9, 4, 7], "right", seed=14)
     last = torch.arange(3) * rest.shape[1] + mask.sum(1) - 1  # each row's last real token: scoring's case
-    follow = torch.randint(3, 128, (3, 2), generator=gen)
     with torch.no_grad():
         cache = model(prefix, use_cache=True).cache
         # the shared-prefix training path: no output needed, only the keys / values
@@ -141,3 +140,9 @@ def test_bad_selections_are_refused():
         model(ids, attention_mask=mask, logits_at=mask.bool(), outputs_at=mask.bool())
     with torch.no_grad(), pytest.raises(ValueError, match="'last'"):
         model(ids, attention_mask=mask, logits_at="last", outputs_at=mask.bool())
+    wrong_shape = torch.zeros(2, 4, dtype=torch.bool)  # flattened, (1, 0) here would be (0, 4) of the (2, 6) batch
+    wrong_shape[1, 0] = True
+    with torch.no_grad(), pytest.raises(ValueError, match=r"bool mask must have the inputs' shape \(2, 6\)"):
+        model(ids, attention_mask=mask, logits_at=wrong_shape)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"index the flat \(B \* T\) = 12 tokens, found -1"):
+        model(ids, attention_mask=mask, outputs_at=torch.tensor([-1]))

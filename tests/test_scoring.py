@@ -129,3 +129,7 @@ def test_parse_label():
     assert parse_label('"neutral"', labels) == "neutral"
     assert parse_label(" The answer is negative", labels) == "invalid"
     assert parse_label("", labels) == "invalid"
+    assert parse_label("Positively", labels) == "invalid" and parse_label("positive-ish", labels) == "positive"
+    assert parse_label(" 2 (medium)", ("1", "2", "3")) == "2" and parse_label("12", ("1", "2")) == "invalid"
+    assert parse_label("strong-buy!", ("buy", "strong-buy")) == "strong-buy"
+    assert parse_label("Very_Bad", ("very_bad", "ok")) == "very_bad"
