@@ -50,6 +50,8 @@ def predict(
     cost of one extra copy of the adapted weights while it runs."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    if batch_size < 1:
+        raise ValueError(f"batch size (--batch-size) must be >= 1, found {batch_size}")
     started = time.perf_counter()  # the merge counts: it is part of what this evaluation costs
     with merged_for_inference(model) if merged else nullcontext():
         predicted, logprobs, generated = _predict(model, formatter, texts, method, batch_size, share_prefix,

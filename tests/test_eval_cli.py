@@ -149,6 +149,11 @@ def test_skip_bad_rows_drops_them(setup, tmp_path):
     assert results["plain"]["n"] == 6
 
 
+def test_a_batch_size_below_one_is_refused(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"--batch-size\) must be >= 1, found 0"):
+        run_comparison(_cfg(setup, tmp_path / "out", batch_size=0), **QUIET)
+
+
 def test_unknown_label_is_refused(setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "w1", "label": "bullish"}) + "\n")
