@@ -88,7 +88,7 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
             if cfg.qlora:  # merge onto the NF4 weights the adapter was trained against, dequantized
                 dequantize_nf4(model, dtype)
             else:  # unmerging leaves rounding drift (1e-3 in bf16): the next adapter gets these back
-                originals = {name: layer.base_layer.weight.detach().clone() for name, layer in lora_modules(model)}
+                originals = {where: layer.base_layer.weight.detach().clone() for where, layer in lora_modules(model)}
             merge_adapters(model)
             merged = one(name + "-merged", adapter_dir)
             results[name + "-merged"] = merged
@@ -102,8 +102,8 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
             model = loaded.model
         elif cfg.check_merge:
             with torch.no_grad():
-                for name, weight in originals.items():
-                    model.get_submodule(name).weight.copy_(weight)
+                for where, weight in originals.items():
+                    model.get_submodule(where).weight.copy_(weight)
 
     table = comparison_table({name: m for name, m in results.items()})
     summary = f"# Evaluation of {cfg.model} on the {cfg.split} split ({len(examples)} rows, method {cfg.method})\n\n{table}\n"
