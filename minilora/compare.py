@@ -69,9 +69,9 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
             "rows": len(examples), "prompt_format": "chat" if formatter.chat else "plain"}
     log(f"evaluating {len(examples)} {cfg.split} rows of {cfg.model} with method {cfg.method!r}")
 
-    def one(name: str, adapter: str | None) -> dict:
+    def one(name: str, adapter: str | None, merged: bool = True) -> dict:
         metrics = evaluate(model, formatter, examples, out / name, name, method=cfg.method,
-                           batch_size=cfg.batch_size, meta={**meta, "adapter": adapter})
+                           batch_size=cfg.batch_size, meta={**meta, "adapter": adapter}, merged=merged)
         log(f"{name}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
             f"{metrics['examples_per_s']:.1f} examples/s")
         return metrics
@@ -83,7 +83,8 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     for index, adapter_dir in enumerate(cfg.adapter):
         name = Path(adapter_dir).resolve().name if len(cfg.adapter) == 1 else f"adapter{index + 1}-{Path(adapter_dir).name}"
         load_adapter(model, adapter_dir, config_check=base_model_check(cfg.model))
-        results[name] = one(name, adapter_dir)
+        # with check_merge this pass is the reference: the adapters as trained, not merged for speed
+        results[name] = one(name, adapter_dir, merged=not cfg.check_merge)
         if cfg.check_merge:
             if cfg.qlora:  # merge onto the NF4 weights the adapter was trained against, dequantized
                 dequantize_nf4(model, dtype)

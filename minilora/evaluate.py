@@ -86,11 +86,13 @@ def evaluate(
     batch_size: int = 16,
     share_prefix: bool = True,
     meta: dict | None = None,
+    merged: bool = True,
 ) -> dict:
-    """Predict, compute metrics and write report.json, predictions.csv, confusion_matrix.png, summary.md."""
+    """Predict, compute metrics and write report.json, predictions.csv, confusion_matrix.png, summary.md.
+    merged: as `predict` (False: the adapters run as trained, e.g. as the reference a merge is checked against)."""
     texts = [ex.text for ex in examples]
     gold = [ex.label for ex in examples]
-    result = predict(model, formatter, texts, method, batch_size, share_prefix)
+    result = predict(model, formatter, texts, method, batch_size, share_prefix, merged=merged)
     metrics = classification_metrics(gold, result.predicted, formatter.labels)
     metrics["examples_per_s"] = len(texts) / result.seconds if result.seconds > 0 else None
     logprobs = result.logprobs.numpy() if result.logprobs is not None else None

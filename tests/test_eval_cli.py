@@ -70,10 +70,25 @@ def test_baseline_and_adapter_side_by_side(setup, tmp_path):
 
 
 @pytest.mark.parametrize("qlora", [False, True])
-def test_merged_adapter_gives_the_same_predictions(setup, tmp_path, qlora):
+def test_merged_adapter_gives_the_same_predictions(setup, tmp_path, qlora, monkeypatch):
+    import importlib
+
+    from minilora.lora import lora_modules
+
+    evaluate_module = importlib.import_module("minilora.evaluate")  # the package's `evaluate` is the function
+
+    merged_during_scoring = []  # per scoring pass: were the adapters merged while it ran?
+    real_scoring = evaluate_module.label_logprobs
+
+    def spy(model, *args, **kwargs):
+        merged_during_scoring.append({module.merged for _, module in lora_modules(model)})
+        return real_scoring(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "label_logprobs", spy)
     adapter = setup[2]["qlora" if qlora else "plain"]
     results = run_comparison(_cfg(setup, tmp_path, adapter=[str(adapter)], baseline=False, check_merge=True,
                                   qlora=qlora), **QUIET)
+    assert merged_during_scoring == [{False}, {True}]  # the reference pass runs the adapters unmerged
     name = adapter.name
     report = json.loads((tmp_path / "comparison.json").read_text())
     assert report["merge_check"][name]["rows_with_different_prediction"] == 0
