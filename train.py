@@ -2,7 +2,8 @@
 
     python train.py --model gemma-3-270m --data ../shared/data/financial_phrasebank/FinancialPhraseBank-v1.0.zip
 
-Every setting is a flag (python train.py --help); the resolved config is saved in the output folder.
+Every setting of the run is a flag (python train.py --help); the flags as given are saved in the output
+folder (run_config.json), and --resume checks them.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Model configuration: one dataclass for both decoder families, built from a checkpoint's config.json.
 
-The fields are named after the math they switch on (see STYLE.md), not after the model family, so the
+The fields are named after the math they switch on, not after the model family, so the
 decoder in `model.py` never asks "is this Gemma?". `ModelConfig.from_hf_dict` is the only place that
 knows how Gemma 3 and Llama configs spell things, and it refuses anything it does not implement.
 """

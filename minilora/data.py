@@ -181,7 +181,8 @@ def read_phrasebank(
     if path.is_file() and path.suffix == ".txt":
         found = re.search(r"Sentences_(\w+)Agree\.txt$", path.name)
         if agreement is not None and found and _normalise_agreement(found.group(1)) != _normalise_agreement(agreement):
-            raise DataError(f"{path}: file is agreement {found.group(1)}, but agreement={agreement!r} was asked")
+            raise DataError(f"{path}: file is agreement {found.group(1)}, but agreement={agreement!r} was asked "
+                            f"(pass --agreement {found.group(1).lower()})")
         return parse_phrasebank_text(path.read_bytes().decode("latin-1"), str(path), labels, skip_bad_rows, str(path))
     member = _phrasebank_member(_normalise_agreement(agreement if agreement is not None else "50"))
     if path.is_file() and zipfile.is_zipfile(path):

@@ -73,7 +73,8 @@ class RunConfig:
     qlora: bool = opt(False, "quantize the frozen base to NF4 (bitsandbytes) while loading")
     dequantize_once: bool = opt(False, "QLoRA: dequantize each NF4 weight once per optimizer step and keep it for "
                                        "the step (fewer dequantizations; holds the block weights in the compute dtype)")
-    gradient_checkpointing: bool = opt(True, "recompute each block in backward to save memory")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory (what is "
+                                             "recomputed: --checkpoint-policy)")
     checkpoint_policy: str = opt("mlp", "what checkpointing keeps: mlp = all but the MLP's gated product and the "
                                         "projections' normed inputs, which backward recomputes; no block replayed "
                                         "(fastest); selective = each whole block, keeping the projections' outputs "

@@ -32,7 +32,7 @@ from .quant import NF4Linear
 from .recompute import dropout_drops, dropout_mask
 
 # never adapted unless named explicitly: adapters on the LM head or embeddings do not load in vLLM /
-# llama.cpp (see docs/PITFALLS.md)
+# llama.cpp
 DEFAULT_EXCLUDED = ("lm_head",)
 
 

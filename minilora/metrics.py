@@ -2,7 +2,7 @@
 
 A prediction that is not exactly one of the labels (a free generation such as "bullish" or "")
 counts as wrong and lands in an extra `invalid` confusion-matrix column; it is never mapped to
-"neutral" (that inflates neutral recall, see PITFALLS.md). Normalise case / whitespace upstream,
+"neutral" (that inflates neutral recall). Normalise case / whitespace upstream,
 where the answer is parsed. Zero division gives 0.0 (a class never predicted has precision 0),
 as sklearn's ``zero_division=0``. numpy only; every value returned is a plain int / float / list
 so the dict goes straight into JSON.
