@@ -56,8 +56,11 @@ COPIED_FILES = (
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a cut write leaves no partial file (model-sized for an export)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -340,6 +343,8 @@ def export_merged(
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source / 'config.json'}: the source checkpoint's config.json is needed for export")
     out.mkdir(parents=True, exist_ok=True)
+    tensors = merged_state_dict(model, dtype)
+    _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     for name in COPIED_FILES:
         if (source / name).is_file() and name != "config.json":
             _atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
@@ -353,7 +358,5 @@ def export_merged(
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = dtype_name
-    _write_json(out / "config.json", config)
-    tensors = merged_state_dict(model, dtype)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_json(out / "config.json", config)  # last: a folder with a new config holds the new weights
     return out

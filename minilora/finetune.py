@@ -168,13 +168,18 @@ def check_output_dir(cfg: RunConfig) -> Path:
     if cfg.resume:
         if not saved.is_file():
             raise RunError(f"--resume: {out} holds no run (run_config.json missing)")
-        previous = json.loads(saved.read_text())
-        ignore = {"resume", "overwrite", "eval_baseline", "device"}
-        changed = {k: (previous[k], v) for k, v in asdict(cfg).items() if k not in ignore and k in previous and previous[k] != v}
+        try:
+            previous = json.loads(saved.read_text())
+        except json.JSONDecodeError as err:
+            raise RunError(f"--resume: {saved} is not valid JSON ({err})") from None
+        # the folder is the run whatever path reaches it; paths that name the same file are the same setting
+        ignore = {"resume", "overwrite", "eval_baseline", "device", "output_dir"}
+        changed = {k: (previous[k], v) for k, v in asdict(cfg).items()
+                   if k not in ignore and k in previous and not _same_setting(previous[k], v)}
         if changed:
             raise RunError(f"--resume: settings differ from the run in {out}: "
                            + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-    elif out.exists() and any(out.iterdir()):
+    elif _own_files_aside(out):
         if not cfg.overwrite:
             raise RunError(f"{out} already holds files (another run?); pass --resume to continue it or "
                            "--overwrite to replace it")
@@ -184,20 +189,39 @@ def check_output_dir(cfg: RunConfig) -> Path:
     return out
 
 
+def _same_setting(before, now) -> bool:
+    if before == now:
+        return True
+    if isinstance(before, str) and isinstance(now, str) and Path(before).exists() and Path(now).exists():
+        return Path(before).resolve() == Path(now).resolve()  # "runs/x" and "./runs/x/" are one folder
+    return False
+
+
+def _own_files_aside(out: Path) -> bool:
+    """Whether `out` holds anything but the temporary files of a write that a crash cut short."""
+    return out.is_dir() and any(not entry.name.endswith(".tmp") for entry in out.iterdir())
+
+
 def prepare_output_dir(cfg: RunConfig) -> Path:
     """check_output_dir, then empty the folder of a run that --overwrite replaces; called once everything
-    the run needs has loaded, so that a mistake in the new settings does not cost the old run."""
+    the run needs has loaded, so that a mistake in the new settings does not cost the old run. The folder
+    itself stays (it may be a symlink, the working directory, or in a parent we cannot write)."""
     out = check_output_dir(cfg)
-    if not cfg.resume and cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+    if not cfg.resume and out.is_dir():
+        for entry in out.iterdir():  # a replaced run's files, or leftovers of a cut write
+            if cfg.overwrite or entry.name.endswith(".tmp"):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- the run

@@ -312,6 +312,14 @@ def _progress(log: Callable[[str], None], line: str) -> None:
         log(line)
 
 
+def _step_of(line: str) -> float:
+    """The step a metrics.jsonl line records; a line an interrupted append cut short counts as after all."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per step), plus TensorBoard when it is installed."""
 
@@ -329,7 +337,7 @@ class MetricsLog:
         """On resume, drop records of steps the checkpoint does not contain."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -189,3 +189,21 @@ def test_export_merged_of_a_multimodal_gemma3_is_its_text_decoder(tmp_path):
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_cut_export_leaves_no_partial_file_and_no_new_config(tmp_path, monkeypatch):
+    import minilora.adapter_io as adapter_io
+
+    model = hf_model(FAMILIES["llama"]())
+    model.save_pretrained(tmp_path / "src")
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+
+    def disk_full(tensors, target, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"\0" * 1000)  # part of the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapter_io, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_merged(model, tmp_path / "src", tmp_path / "out", dtype=torch.float32)
+    assert list((tmp_path / "out").iterdir()) == []  # no .tmp, and no config.json without its weights

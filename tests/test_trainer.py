@@ -298,6 +298,46 @@ def test_a_data_file_without_training_or_test_rows_is_refused_before_training(ti
     assert not (tmp_path / "run").exists()
 
 
+def test_the_same_folder_resumes_under_any_path_that_reaches_it(tiny_dir, tiny_csv, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0), log=lambda line: None)
+    (tmp_path / "link").symlink_to(out)
+    monkeypatch.chdir(tmp_path)
+    for spelling in (f"{out}/", "./run", "link", "../" + tmp_path.name + "/run"):
+        logs = []
+        run(_cfg(tiny_dir, tiny_csv, spelling, max_steps=2, eval_every=0, resume=True), log=logs.append)
+        assert any("resumed from" in line for line in logs), spelling
+
+
+def test_overwrite_empties_the_folder_and_keeps_it(tiny_dir, tiny_csv, tmp_path, monkeypatch):
+    """The folder may be a symlink or the working directory: it is emptied, never removed."""
+    target = tmp_path / "target"
+    run(_cfg(tiny_dir, tiny_csv, target, max_steps=1, eval_every=0), log=lambda line: None)
+    (tmp_path / "link").symlink_to(target)
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "link", max_steps=2, eval_every=0, overwrite=True), log=lambda line: None)
+    assert (tmp_path / "link").is_symlink() and len((target / "metrics.jsonl").read_text().splitlines()) == 2
+    monkeypatch.chdir(target)
+    run(_cfg(tiny_dir, tiny_csv, ".", max_steps=1, eval_every=0, overwrite=True), log=lambda line: None)
+    assert len((target / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_leftovers_of_a_cut_write_do_not_block_the_next_run(tiny_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json.tmp").write_text('{"model": ')  # what a crash in the first write leaves
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=1, eval_every=0), log=lambda line: None)
+    assert not list(out.glob("*.tmp")) and (out / "run_config.json").is_file()
+
+
+def test_resume_drops_a_metrics_line_an_interrupted_append_cut_short(tiny_dir, tiny_csv, tmp_path):
+    out = tmp_path / "run"
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0), log=lambda line: None)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 5.02')
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0, resume=True), log=lambda line: None)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_resume_with_different_settings_is_refused(tiny_dir, tiny_csv, tmp_path):
     out = tmp_path / "run"
     run(_cfg(tiny_dir, tiny_csv, out, max_steps=2, eval_every=0), log=lambda line: None)
