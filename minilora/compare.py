@@ -15,7 +15,7 @@ import torch
 from . import data as data_mod
 from .adapter_io import base_model_check, load_adapter
 from .device import pick_device, pick_dtype
-from .evaluate import evaluate
+from .evaluate import evaluate, predict
 from .finetune import build_model, make_formatter, opt, subset_rows
 from .lora import lora_modules, merge_adapters, remove_adapters
 from .quant import dequantize_nf4
@@ -65,7 +65,7 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     model = loaded.model
     formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)
     out = Path(cfg.output_dir)
-    meta = {"model": cfg.model, "split": cfg.split, "split_protocol": cfg.split_protocol, "seed": cfg.seed,
+    meta = {"model": cfg.model, "split": cfg.split, "split_protocol": splits.info.protocol, "seed": cfg.seed,
             "rows": len(examples), "prompt_format": "chat" if formatter.chat else "plain"}
     log(f"evaluating {len(examples)} {cfg.split} rows of {cfg.model} with method {cfg.method!r}")
 
@@ -76,12 +76,17 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
             f"{metrics['examples_per_s']:.1f} examples/s")
         return metrics
 
+    # one untimed pass first, so that one-time costs (first kernels, allocations) do not land in the
+    # first run's examples/s; it is 100x on a tiny model, a few % on a real one
+    predict(model, formatter, [ex.text for ex in examples[:2]], cfg.method, cfg.batch_size)
     results: dict[str, dict] = {}
     if cfg.baseline:
         results["baseline"] = one("baseline", None)
     merge_notes = {}
     for index, adapter_dir in enumerate(cfg.adapter):
         name = Path(adapter_dir).resolve().name if len(cfg.adapter) == 1 else f"adapter{index + 1}-{Path(adapter_dir).name}"
+        if name == "baseline" or name.endswith("-merged"):  # would take another run's report folder and row
+            name = f"adapter-{name}"
         load_adapter(model, adapter_dir, config_check=base_model_check(cfg.model))
         # with check_merge this pass is the reference: the adapters as trained, not merged for speed
         results[name] = one(name, adapter_dir, merged=not cfg.check_merge)

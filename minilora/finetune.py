@@ -133,6 +133,9 @@ def check_settings(cfg: RunConfig) -> None:
             raise RunError(f"{flag} must be >= 0, found {value}")
     if cfg.dequantize_once and not cfg.qlora:
         raise RunError("--dequantize-once applies to NF4 weights only: add --qlora or drop it")
+    if cfg.class_weights == "balanced" and cfg.balanced_sampling:
+        raise RunError("--class-weights balanced and --balanced-sampling each correct the class imbalance; "
+                       "together they over-correct it (the rarest class would weigh the most): keep one")
     try:
         check_lora_config(cfg.lora_config())
     except ValueError as error:
@@ -255,8 +258,9 @@ def run(cfg: RunConfig, log=print) -> dict:
     if longest > cfg.max_seq_len:
         raise RunError(f"the longest training example has {longest} tokens but --max-seq-len is {cfg.max_seq_len}")
 
-    find_targets(model, cfg.lora_config())  # the targets exist: the last check before the folder is written
-    out = prepare_output_dir(cfg)
+    find_targets(model, cfg.lora_config())  # the targets exist
+    weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)  # may refuse the split
+    out = prepare_output_dir(cfg)  # nothing was written before this point
     _write_json(out / "run_config.json", asdict(cfg))
     _write_json(out / "data_info.json", asdict(splits.info))
 
@@ -266,7 +270,6 @@ def run(cfg: RunConfig, log=print) -> dict:
     model.checkpoint_policy = cfg.checkpoint_policy
     log(trainable_summary(model))
 
-    weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)
     sample_order = (lambda epoch: data_mod.balanced_order(splits.train, cfg.seed, epoch)) if cfg.balanced_sampling else None
     validation = subset_rows(splits.validation, cfg.val_limit, cfg.seed)
     validate = (lambda m: validation_scores(m, formatter, validation, cfg.batch_size)) if validation else None
@@ -277,7 +280,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     log(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
         f"adapter saved to {out / 'adapter'}")
 
-    meta = {"model": cfg.model, "adapter": str(out / "adapter"), "seed": cfg.seed, "split_protocol": cfg.split_protocol}
+    meta = {"model": cfg.model, "adapter": str(out / "adapter"), "seed": cfg.seed,
+            "split_protocol": splits.info.protocol}
     test_rows = subset_rows(splits.test, cfg.eval_limit, cfg.seed)
     metrics = evaluate(model, formatter, test_rows, out / "eval", "fine-tuned", method=cfg.eval_method,
                        batch_size=max(cfg.batch_size, 16), meta=meta)

@@ -66,6 +66,13 @@ class PromptFormatter:
         for label, ids in self.label_ids.items():
             if not ids:
                 raise PromptError(f"label {label!r} tokenizes to no tokens")
+        if len(set(self.labels)) < len(self.labels):
+            raise PromptError(f"labels {list(self.labels)}: a label is repeated")
+        seen: dict[tuple[int, ...], str] = {}
+        for label, ids in self.label_ids.items():
+            other = seen.setdefault(tuple(ids), label)
+            if other != label:  # scores could not tell them apart
+                raise PromptError(f"labels {other!r} and {label!r} tokenize to the same tokens {ids}")
 
     def prompt_text(self, text: str) -> str:
         if "\n" in text or "\r" in text:  # the template promises one line of text before the answer

@@ -88,11 +88,27 @@ def test_merged_adapter_gives_the_same_predictions(setup, tmp_path, qlora, monke
     adapter = setup[2]["qlora" if qlora else "plain"]
     results = run_comparison(_cfg(setup, tmp_path, adapter=[str(adapter)], baseline=False, check_merge=True,
                                   qlora=qlora), **QUIET)
-    assert merged_during_scoring == [{False}, {True}]  # the reference pass runs the adapters unmerged
+    # an untimed warm-up on the base, then the reference pass with the adapters unmerged, then merged
+    assert merged_during_scoring == [set(), {False}, {True}]
     name = adapter.name
     report = json.loads((tmp_path / "comparison.json").read_text())
     assert report["merge_check"][name]["rows_with_different_prediction"] == 0
     assert results[name]["predicted"] == results[name + "-merged"]["predicted"]
+
+
+def test_an_adapter_folder_named_baseline_does_not_replace_the_baseline(setup, tmp_path):
+    import shutil
+
+    renamed = tmp_path / "x" / "baseline"
+    shutil.copytree(setup[2]["plain"], renamed)
+    results = run_comparison(_cfg(setup, tmp_path / "out", adapter=[str(renamed)]), **QUIET)
+    assert list(results) == ["baseline", "adapter-baseline"]
+    assert json.loads((tmp_path / "out" / "baseline" / "report.json").read_text())["meta"]["adapter"] is None
+
+
+def test_reports_record_the_split_protocol_used(setup, tmp_path):
+    run_comparison(_cfg(setup, tmp_path / "out"), **QUIET)  # the CSV's own split column
+    assert json.loads((tmp_path / "out" / "plain" / "report.json").read_text())["meta"]["split_protocol"] == "given"
 
 
 def test_generate_method_reports_invalid_answers(setup, tmp_path):

@@ -68,6 +68,15 @@ def test_prompt_longer_than_max_len_is_a_clear_error(tiny):
         collate([fmt.tokenize("w1", "positive")], tok.pad_id, max_len=10)
 
 
+def test_labels_that_scoring_could_not_tell_apart_are_refused(tiny):
+    """A repeated label made predict's probabilities sum to less than 1; two labels with the same tokens
+    always get the same score."""
+    with pytest.raises(PromptError, match="a label is repeated"):
+        PromptFormatter(tiny[1], labels=("positive", "positive", "negative"))
+    with pytest.raises(PromptError, match=r"labels 'bullish' and 'bearish' tokenize to the same tokens"):
+        PromptFormatter(tiny[1], labels=("bullish", "bearish"))  # both <unk> for the tiny word-level vocabulary
+
+
 def test_loss_is_mean_nll_of_answer_tokens_by_hand(tiny):
     model, tok = tiny
     fmt = PromptFormatter(tok)

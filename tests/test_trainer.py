@@ -275,6 +275,7 @@ def test_overwrite_never_empties_a_folder_that_holds_no_run(tiny_dir, tiny_csv, 
     (dict(max_steps=-1, epochs=0), "--epochs must be > 0"),
     (dict(save_every=-2), "--save-every must be >= 0, found -2"),
     (dict(warmup_ratio=1.5), r"--warmup-ratio must be in \[0, 1\], found 1.5"),
+    (dict(class_weights="balanced", balanced_sampling=True), "together they over-correct"),
     (dict(lora_dropout=1.0), r"adapter settings: .*dropout must be in \[0, 1\)"),
 ])
 def test_settings_out_of_range_are_refused_before_anything_is_written(tiny_dir, tiny_csv, tmp_path, setting, message):
@@ -381,6 +382,18 @@ def test_a_validation_row_longer_than_max_seq_len_does_not_stop_the_run(tiny_dir
         log=lambda line: None)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["val_loss"]) for r in records)
+
+
+def test_balanced_class_weights_without_a_class_are_refused_before_anything_is_written(tiny_dir, tmp_path):
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label", "split"])
+        writer.writerows((f"w{i} w{i + 1}", ("positive", "negative")[i % 2], ("train", "test")[i % 3 == 0])
+                         for i in range(30))
+    with pytest.raises(ValueError, match="no examples of \\['neutral'\\]"):
+        run(_cfg(tiny_dir, path, tmp_path / "run", class_weights="balanced"), log=lambda line: None)
+    assert not (tmp_path / "run").exists()  # a retry is not blocked by a half-made run
 
 
 def test_target_modules_flag_takes_names_all_linear_or_a_regex(tiny_dir):
