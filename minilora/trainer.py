@@ -180,6 +180,7 @@ def train(
     metrics = MetricsLog(out_dir / "metrics.jsonl")
 
     start_step, best, loss_value = 0, {"step": None, "accuracy": None, "loss": None}, float("nan")
+    elapsed_before = 0.0  # training seconds of the runs this one resumes
     checkpoint_dir = out_dir / "checkpoint"
     found = find_checkpoint(checkpoint_dir) if resume else None
     if resume and found is None:  # stopped before its first checkpoint: start over, with a fresh log
@@ -194,6 +195,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, best, loss_value = state["step"], state["best"], state.get("loss", float("nan"))
+        elapsed_before = state.get("elapsed_s", 0.0)
         pending = state.get("pending_record")  # written before its step's validation, which may not have run
         metrics.truncate_after(start_step - 1 if pending is not None else start_step)
         log(f"resumed from {found} at step {start_step}/{total_steps}")
@@ -224,7 +226,7 @@ def train(
         record = {
             "step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
             "train_first_token_accuracy": correct / rows, "tokens": step_tokens,
-            "tokens_per_s": round(tokens_seen / elapsed, 2), "elapsed_s": round(elapsed, 2),
+            "tokens_per_s": round(tokens_seen / elapsed, 2), "elapsed_s": round(elapsed_before + elapsed, 2),
         }
         if done % cfg.log_every == 0 or done == total_steps:
             eta = elapsed / (done - start_step) * (total_steps - done)
@@ -235,13 +237,13 @@ def train(
             # before the validation, so that a failing validation costs no training; its record waits
             # in the checkpoint, and a resume runs that validation first
             pending = record if validating else None
-            extra = {"best": best, "pending_record": pending, "loss": step_loss}
+            extra = {"best": best, "pending_record": pending, "loss": step_loss, "elapsed_s": elapsed_before + elapsed}
             save_checkpoint(checkpoint_dir, model, optimizer, done, extra, base_model)
         if validating:
             best = _validate_into(record, model, validate, best, out_dir, base_model, log)
         metrics.write(record)
     metrics.close()
-    return TrainResult(total_steps, loss_value, best["step"], best["accuracy"], time.time() - started)
+    return TrainResult(total_steps, loss_value, best["step"], best["accuracy"], elapsed_before + time.time() - started)
 
 
 def _validate_into(record: dict, model: CausalLM, validate: Callable[[CausalLM], dict], best: dict, out_dir: Path,

@@ -171,8 +171,10 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_dir, tiny_csv, tm
     full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "resumed")
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)  # the clock goes on from the checkpoint (it restarted at 0)
 
 
 def test_resume_before_the_first_checkpoint_starts_over_with_a_fresh_log(tiny_dir, tiny_csv, tmp_path):
