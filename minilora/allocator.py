@@ -58,16 +58,20 @@ def preferred_malloc(environ: dict[str, str] | None = None, dirs: list[Path] | N
     return path
 
 
+def _preloaded_entries(environ: dict[str, str]) -> list[str]:
+    return environ.get("LD_PRELOAD", "").replace(":", " ").split()  # the loader splits on both
+
+
 def is_preloaded(library: Path, environ: dict[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
-    entries = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    entries = _preloaded_entries(environ)
     return any(Path(entry).name == library.name for entry in entries)
 
 
 def preloaded_malloc(environ: dict[str, str] | None = None) -> str | None:
     """A malloc the user preloads already (jemalloc, mimalloc, tcmalloc, ...): their choice stands."""
     environ = os.environ if environ is None else environ
-    entries = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    entries = _preloaded_entries(environ)
     return next((entry for entry in entries if "malloc" in Path(entry).name), None)
 
 

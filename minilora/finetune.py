@@ -26,6 +26,7 @@ from .model import CausalLM
 from .prompts import PromptFormatter, collate, load_template
 from .quant import quantize_module_nf4
 from .recompute import CHECKPOINT_POLICIES
+from .report import atomic_write
 from .scoring import label_logprobs, predict_labels
 from .tokenizer import Tokenizer
 from .trainer import LoopConfig, train
@@ -218,15 +219,6 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------------------- the run
 
 
@@ -261,8 +253,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     find_targets(model, cfg.lora_config())  # the targets exist
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)  # may refuse the split
     out = prepare_output_dir(cfg)  # nothing was written before this point
-    _write_json(out / "run_config.json", asdict(cfg))
-    _write_json(out / "data_info.json", asdict(splits.info))
+    atomic_write(out / "run_config.json", json.dumps(asdict(cfg), indent=2, default=str))
+    atomic_write(out / "data_info.json", json.dumps(asdict(splits.info), indent=2, default=str))
 
     seed_everything(cfg.seed)  # adapters are initialised from this seed whatever loading consumed
     inject_adapters(model, cfg.lora_config())

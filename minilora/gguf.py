@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import _type_traits as GGUF_QUANT_TRAITS
+from gguf import quants as gguf_quants
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -83,9 +83,12 @@ def _check_convertible(meta: dict, reader: GGUFReader, path: Path) -> None:
     missing = [key for key in required if key not in meta]
     if missing:
         raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")
+    # gguf keeps its dequantizers in a private table; without it, dequantize() names the type itself
+    dequantizable = getattr(gguf_quants, "_type_traits", None)
     for tensor in reader.tensors:
         kind = tensor.tensor_type
-        if kind not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and kind not in GGUF_QUANT_TRAITS:
+        if dequantizable is not None and kind not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) \
+                and kind not in dequantizable:
             raise ValueError(f"{path}: tensor {tensor.name} has type {kind.name}, which gguf cannot dequantize")
 
 
