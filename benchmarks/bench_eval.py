@@ -7,6 +7,9 @@ Examples per second on the FinancialPhraseBank test rows (seed protocol, 900 row
 
   (a) minilora `score`:    `minilora.evaluate.predict(..., method="score")`: label log-probabilities,
                            batched, the shared instruction prefix computed once;
+  (a') minilora `score-int8`: the same with `int8=True`: the decoder's projections in int8 (W8A8,
+                           per-token activations, SmoothQuant; minilora/int8.py), calibrated on the
+                           first 32 rows, which run in fp32;
   (b) minilora `generate`: `predict(..., method="generate")`: batched greedy decoding with the KV cache;
   (c) the seeds' way:      transformers `AutoModelForCausalLM.from_pretrained(folder, dtype=float32)`
                            (+ `peft.PeftModel.from_pretrained` with --adapter), `model.generate(
@@ -30,13 +33,14 @@ import argparse
 import gc
 import sys
 import time
+from functools import partial
 
 from common import (DEFAULT_DATA, OUTPUT_ONLY_IN_LAST_LAYER, MatmulProbe, environment, int_at_least,
                     linear_shapes, load_splits,
                     log, machine_label, make_formatter_for, malloc_in_use, markdown_table, peak_rss_mb,
                     reference_stack_missing, set_threads, write_json)
 
-METHODS = ("score", "generate", "reference")
+METHODS = ("score", "score-int8", "generate", "reference")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,9 +118,11 @@ def run_minilora(args, folder, formatter, texts, gold, methods) -> dict[str, dic
     log(f"minilora model loaded in {time.perf_counter() - started:.1f} s")
     results, probe = {}, MatmulProbe()
     for method in methods:
-        predict(model, formatter, texts[:2], method, args.batch_size, max_new_tokens=args.max_new_tokens)  # warm-up
+        run = partial(predict, model, formatter, method=method.removesuffix("-int8"), batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, int8=method.endswith("-int8"))
+        run(texts[:2])  # warm-up
         before = probe.gflops(args.matmul_seconds)  # the machine's matmul rate on either side of the timed run
-        out = predict(model, formatter, texts, method, args.batch_size, max_new_tokens=args.max_new_tokens)
+        out = run(texts)
         results[method] = scored(f"minilora {method}", out.predicted, gold, out.seconds)
         results[method]["matmul_gflops_per_s"] = (before + probe.gflops(args.matmul_seconds)) / 2
         log(f"minilora {method}: {results[method]['examples_per_s']:.2f} examples/s, "
@@ -225,6 +231,9 @@ def main(argv=None) -> int:
     if "generate" in results and ref:  # same greedy decoding: the parsed labels should agree
         same = sum(a == b for a, b in zip(results["generate"]["predicted"], ref["predicted"]))
         text += f"\nminilora generate and seeds' generate agree on {same} of {ref['rows']} parsed answers"
+    if "score" in results and "score-int8" in results:
+        same = sum(a == b for a, b in zip(results["score"]["predicted"], results["score-int8"]["predicted"]))
+        text += f"\nscore-int8 predicts the same label as score on {same} of {len(rows)} rows"
     if "score" in results and ref:
         text += (f"\nratio score / seeds' generate (examples/s): "
                  f"{results['score']['examples_per_s'] / ref['examples_per_s']:.1f}x")

@@ -96,6 +96,31 @@ def test_merged_adapter_gives_the_same_predictions(setup, tmp_path, qlora, monke
     assert results[name]["predicted"] == results[name + "-merged"]["predicted"]
 
 
+def test_int8_evaluation_runs_in_int8_and_says_so(setup, tmp_path, monkeypatch):
+    import importlib
+
+    from minilora.int8 import Int8Linear
+
+    evaluate_module = importlib.import_module("minilora.evaluate")
+    int8_passes = []  # per scoring pass: did the decoder's projections run in int8?
+    real_scoring = evaluate_module.label_logprobs
+
+    def spy(model, *args, **kwargs):
+        int8_passes.append(isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear))
+        return real_scoring(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "label_logprobs", spy)
+    results = run_comparison(_cfg(setup, tmp_path, int8=True), **QUIET)
+    # per run (warm-up, baseline, adapter): an fp32 pass over the calibration rows, then the rest in int8
+    assert int8_passes == [False, True] * 3
+    report = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert report["meta"]["int8"] is True
+    assert "int8 projections" in (tmp_path / "comparison.md").read_text()
+    assert len(results["plain"]["predicted"]) == 6
+    with pytest.raises(ValueError, match="--check-merge .* without --int8"):
+        run_comparison(_cfg(setup, tmp_path / "again", int8=True, check_merge=True), **QUIET)
+
+
 def test_an_adapter_folder_named_baseline_does_not_replace_the_baseline(setup, tmp_path):
     import shutil
 
