@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .int8 import Int8Head
 from .model import CausalLM, soft_cap
 
 VOCAB_CHUNK = 2048  # rows of the head weight per step: 5 MB in fp32 at H = 640, cache-resident on CPUs
@@ -95,6 +96,9 @@ def head_log_probs_at(model: CausalLM, hidden: Tensor, tokens: Tensor, chunk: in
     (N, chunk) buffer, so the (N, V) logits and their log-softmax, 2 x 268 MB for 256 rows of Gemma 3's
     262k vocabulary, are never made."""
     weight, cap, rows = plain_head_weight(model), model.config.final_logit_softcap, hidden.shape[0]
+    if isinstance(model.lm_head, Int8Head):  # `int8_for_inference`: the read logits in fp32, the normaliser in int8
+        picked = hidden @ model.lm_head.weight[tokens].t()
+        return (picked if cap is None else soft_cap(picked, cap)).float() - model.lm_head.log_sum_exp(hidden)[:, None]
     if weight is None:
         return torch.log_softmax(model.project(hidden).float(), dim=-1)[:, tokens]
 

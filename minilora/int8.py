@@ -17,8 +17,9 @@ predicted label changes. fp32 stays the default everywhere.
 * Projections that read the same tensor (q / k / v, gate / up) share one smoothing and one
   quantized input (`SharedInput`), found in the calibration pass by tensor identity.
 
-The LM head stays fp32. An int8 log-sum-exp over Gemma 3's 262k vocabulary saved 2 % of `score`'s
-time (its per-logit scaling costs as much as the product saves) and blurred the reported probabilities.
+The LM head (`Int8Head`) keeps the logits that are read in fp32 (the label tokens, `model.project`);
+only its bulk, the log-sum-exp over the whole vocabulary that normalises the first label token, runs
+in int8. So the head never changes which label wins: that normaliser is the same for every label.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from .lora import LoRALinear
+from .model import soft_cap
 from .quant import NF4Linear
 
+HEAD_CHUNK = 2048  # vocabulary rows per int8 product in `Int8Head.log_sum_exp`
 DEFAULT_ALPHA = 0.5  # migration strength: the paper's default; 0.5-0.8 agreed alike on Gemma 3 270M (NOTES round 18)
 
 
@@ -43,12 +46,13 @@ def smoothing_factors(input_absmax: Tensor, weight: Tensor, alpha: float) -> Ten
     return (input_absmax.clamp_min(1e-5) ** alpha / weight_absmax ** (1 - alpha)).clamp_min(1e-5)
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_rows(x: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
     """Symmetric int8 with one scale per row: (M, K) -> codes (M, K) int8, scales (M, 1) fp32,
-    x ~= codes * scales."""
+    x ~= codes * scales. in_place: x (fp32) is scratch, overwritten."""
     x = x.float()
     absmax = torch.maximum(x.amax(1, keepdim=True), -x.amin(1, keepdim=True)).clamp_min_(1e-12)  # (M, 1)
-    codes = (x * (127.0 / absmax)).round_().to(torch.int8)  # |x| / absmax <= 1: no clamp needed
+    scaled = x.mul_(127.0 / absmax) if in_place else x * (127.0 / absmax)
+    codes = scaled.round_().to(torch.int8)  # |x| / absmax <= 1: no clamp needed
     return codes, absmax.mul_(1 / 127.0)
 
 
@@ -74,9 +78,10 @@ class SharedInput:
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x is not self._source:
             rows = x.reshape(-1, x.shape[-1]).float()
-            if self.inverse_smoothing is not None:
+            smoothed = self.inverse_smoothing is not None
+            if smoothed:
                 rows = rows * self.inverse_smoothing
-            self._source, self._quantized = x, quantize_rows(rows)
+            self._source, self._quantized = x, quantize_rows(rows, in_place=smoothed)
         return self._quantized
 
     def release(self) -> None:
@@ -112,6 +117,66 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8GatedMLP(nn.Module):
+    """model.MLP, down(act(gate(x)) * up(x)), from three bias-free `Int8Linear`s, in two passes over the
+    (tokens, intermediate) activations fewer than running them one by one: up's output is not scaled by
+    its per-token factor (the per-token quantization of down's input absorbs any per-row factor, and
+    down's output takes it back), and down's smoothing rides on up's per-channel scales."""
+
+    def __init__(self, gate: Int8Linear, up: Int8Linear, down: Int8Linear, gelu: bool):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.gelu = gate, up, down, gelu
+        smoothing = down.shared.inverse_smoothing
+        self.up_scales = up.weight_scales if smoothing is None else up.weight_scales * smoothing  # (intermediate,)
+
+    def forward(self, x: Tensor, recompute_product: bool = False) -> Tensor:
+        codes, row_scales = self.gate_proj.shared.quantize(x)
+        gate = int8_product(codes, self.gate_proj.weight_codes.t()).float()
+        gate = _activation_(gate.mul_(row_scales).mul_(self.gate_proj.weight_scales), self.gelu)
+        up = int8_product(codes, self.up_proj.weight_codes.t()).float().mul_(self.up_scales)
+        product_codes, product_scales = quantize_rows(gate.mul_(up), in_place=True)  # act(gate) * up / s / rows
+        out = int8_product(product_codes, self.down_proj.weight_codes.t()).float()
+        out = out.mul_(product_scales.mul_(row_scales)).mul_(self.down_proj.weight_scales)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _activation_(gate: Tensor, gelu: bool) -> Tensor:
+    """model.MLP's activation (lora_op.gated_activation), in place."""
+    return torch.ops.aten.gelu_(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate, inplace=True)
+
+
+class Int8Head(nn.Module):
+    """A bias-free LM head inside `int8_for_inference`: `forward` is the fp32 original (exact logits
+    wherever they are read); `log_sum_exp` is log sum_v exp(logit_v) over the vocabulary (soft-capped
+    where the model caps), with the logits from int8 codes of the weight (per vocabulary row) and of
+    the hidden states (per row)."""
+
+    def __init__(self, head: nn.Linear, softcap: float | None):
+        super().__init__()
+        self.weight = head.weight  # the same (tied) parameter, not a copy
+        self.bias = None
+        self.softcap = softcap
+        pieces = [quantize_rows(piece) for piece in head.weight.detach().split(65536)]  # bounded scratch
+        self.register_buffer("weight_codes", torch.cat([codes for codes, _ in pieces]), persistent=False)
+        self.register_buffer("weight_scales", torch.cat([scales for _, scales in pieces]).reshape(-1),
+                             persistent=False)  # (V,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight)
+
+    def log_sum_exp(self, hidden: Tensor) -> Tensor:  # (N, H) -> (N,) fp32
+        codes, row_scales = quantize_rows(hidden)
+        vocab = self.weight_codes.shape[0]
+        chunk_lse = torch.empty(hidden.shape[0], -(-vocab // HEAD_CHUNK), device=hidden.device)
+        for index, start in enumerate(range(0, vocab, HEAD_CHUNK)):
+            logits = int8_product(codes, self.weight_codes[start : start + HEAD_CHUNK].t()).float()
+            logits.mul_(row_scales).mul_(self.weight_scales[start : start + HEAD_CHUNK])
+            if self.softcap is not None:
+                soft_cap(logits, self.softcap, in_place=True)
+            chunk_lse[:, index] = torch.logsumexp(logits, dim=1)
+        return torch.logsumexp(chunk_lse, dim=1)
 
 
 def effective_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -180,11 +245,13 @@ def calibrate(model: nn.Module, run: Callable[[], object]) -> tuple[dict[str, Te
 @contextmanager
 def int8_for_inference(model: nn.Module, run_calibration: Callable[[], object],
                        alpha: float = DEFAULT_ALPHA) -> Iterator[nn.Module]:
-    """Inside the block every decoder projection runs as `Int8Linear` (inference only, under no_grad);
-    on exit the original layers are back, untouched. `run_calibration` runs the fp32 model over a few
-    rows (e.g. `lambda: label_logprobs(model, formatter, texts)`) to measure the inputs' ranges."""
+    """Inside the block every decoder projection runs as `Int8Linear` (each gated MLP as one
+    `Int8GatedMLP`) and a plain LM head as `Int8Head`; inference only (no_grad). On exit the original
+    modules are back, untouched. `run_calibration` runs the fp32 model over a few rows (e.g.
+    `lambda: label_logprobs(model, formatter, texts)`) to measure the inputs' ranges."""
     projections = dict(decoder_projections(model))
     absmax, groups = calibrate(model, run_calibration)
+    head = model.lm_head
     missing = [name for name in projections if name not in absmax]
     groups += [[name] for name in missing]  # never called in calibration: its own group, no smoothing
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -206,8 +273,18 @@ def int8_for_inference(model: nn.Module, run_calibration: Callable[[], object],
                     weight, bias = weights[name]
                     swapped.append((parent, attr, projections[name]))
                     setattr(parent, attr, Int8Linear(weight, bias, shared, smoothing))
+            for layer in model.model.layers:
+                mlp = layer.mlp
+                parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                if (all(isinstance(p, Int8Linear) and p.bias is None for p in parts)
+                        and mlp.gate_proj.shared is mlp.up_proj.shared):
+                    swapped.append((layer, "mlp", mlp))
+                    layer.mlp = Int8GatedMLP(*parts, gelu=mlp.gelu)
+            if type(head) is nn.Linear and head.bias is None:  # not an adapter on the head
+                model.lm_head = Int8Head(head, model.config.final_logit_softcap)
             yield model
     finally:
+        model.lm_head = head
         for parent, attr, original in swapped:
             setattr(parent, attr, original)
         for shared in shared_inputs:

@@ -11,8 +11,10 @@ from torch import nn
 
 from minilora.checkpoint import load_model
 from minilora.evaluate import INT8_CALIBRATION_ROWS, predict
-from minilora.int8 import (Int8Linear, SharedInput, decoder_projections, int8_for_inference, int8_product,
-                           quantize_rows, smoothing_factors)
+from minilora.head_loss import head_log_probs_at
+from minilora.int8 import (Int8GatedMLP, Int8Head, Int8Linear, SharedInput, decoder_projections, int8_for_inference,
+                           int8_product, quantize_rows, smoothing_factors)
+from minilora.model import MLP
 from minilora.lora import LoraConfig, disable_adapters, inject_adapters
 from minilora.prompts import PromptFormatter
 from minilora.quant import quantize_nf4
@@ -94,6 +96,60 @@ def test_a_shared_input_is_quantized_once_per_tensor():
     assert shared.quantize(y) is not first
 
 
+@pytest.mark.parametrize("gelu", [True, False])
+def test_the_fused_gated_mlp_equals_its_three_projections(gelu):
+    """Int8GatedMLP leaves out two per-token scalings; the result differs from the three Int8Linears
+    only by the rounding that moves with them."""
+    gen = torch.Generator().manual_seed(3)
+    gate, up, down = nn.Linear(32, 80, bias=False), nn.Linear(32, 80, bias=False), nn.Linear(80, 32, bias=False)
+    x = torch.randn(50, 32, generator=gen)
+    product = torch.nn.functional.gelu(gate(x), approximate="tanh") if gelu else torch.nn.functional.silu(gate(x))
+    reference = down(product * up(x)).detach()
+    s_in = smoothing_factors(x.abs().amax(0), torch.cat((gate.weight, up.weight)).detach(), 0.5)
+    s_mid = smoothing_factors((product * up(x)).abs().amax(0).detach(), down.weight.detach(), 0.5)
+    shared = SharedInput(1.0 / s_in)
+    parts = (Int8Linear(gate.weight, None, shared, s_in), Int8Linear(up.weight, None, shared, s_in),
+             Int8Linear(down.weight, None, SharedInput(1.0 / s_mid), s_mid))
+    act = torch.nn.functional.gelu if gelu else torch.nn.functional.silu
+    kwargs = {"approximate": "tanh"} if gelu else {}
+    one_by_one = parts[2](act(parts[0](x), **kwargs) * parts[1](x))
+    fused = Int8GatedMLP(*parts, gelu=gelu)(x)
+    size = reference.abs().max()
+    assert (fused - one_by_one).abs().max() < 0.01 * size
+    assert 0 < (fused - reference).abs().max() < 0.03 * size
+
+
+def test_the_int8_head_normalises_like_the_fp32_head_and_reads_exact_logits():
+    gen = torch.Generator().manual_seed(4)
+    head = nn.Linear(48, 5000, bias=False)
+    hidden = torch.randn(7, 48, generator=gen) * 3
+    logits = head(hidden).detach()
+    for cap in (None, 30.0):
+        int8_head = Int8Head(head, cap)
+        capped = logits if cap is None else torch.tanh(logits / cap) * cap
+        assert int8_head.weight is head.weight
+        assert torch.equal(int8_head(hidden), logits)
+        difference = (int8_head.log_sum_exp(hidden) - torch.logsumexp(capped, dim=1)).abs().max()
+        assert 0 < difference < 0.02
+
+
+def test_under_the_int8_head_the_label_logits_are_exact(tiny):
+    """The normaliser is shared by all labels of a row, so the int8 head never changes the argmax."""
+    model, _ = tiny
+    hidden = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    tokens = torch.tensor([5, 6, 8])
+    fp32 = head_log_probs_at(model, hidden, tokens)
+    original = model.lm_head
+    model.lm_head = Int8Head(original, model.config.final_logit_softcap)
+    try:
+        int8 = head_log_probs_at(model, hidden, tokens)
+    finally:
+        model.lm_head = original
+    shift = int8 - fp32  # one normaliser per row: the same shift for every label
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), atol=1e-5, rtol=0)
+    assert 0 < shift.abs().max() < 0.05
+
+
 # ----------------------------------------------------------------------------------------- the model
 
 
@@ -125,6 +181,7 @@ def test_int8_scores_are_close_to_fp32_and_the_model_comes_back_unchanged(tiny):
 
 def test_projections_that_read_one_tensor_share_its_quantization(tiny):
     model, formatter = tiny
+    head_weight = model.lm_head.weight
     with int8_for_inference(model, lambda: label_logprobs(model, formatter, TEXTS[:4])):
         for index, layer in enumerate(model.model.layers):
             attention, mlp = layer.self_attn, layer.mlp
@@ -135,7 +192,9 @@ def test_projections_that_read_one_tensor_share_its_quantization(tiny):
             assert attention.o_proj.shared is not attention.k_proj.shared
             if index < len(model.model.layers) - 1:  # the last layer's queries read only the scored rows
                 assert attention.q_proj.shared is attention.k_proj.shared
-        assert type(model.lm_head) is nn.Linear  # the head stays fp32
+            assert isinstance(layer.mlp, Int8GatedMLP)
+        assert isinstance(model.lm_head, Int8Head) and model.lm_head.weight is head_weight  # no copy
+    assert type(model.lm_head) is nn.Linear and all(type(layer.mlp) is MLP for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])

@@ -53,8 +53,8 @@ def test_logits_and_greedy_continuations_match_transformers(name, packaged_folde
 
 @pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m-instruct"])
 def test_int8_scoring_agrees_with_fp32(name, packaged_folder, phrasebank_zip):
-    """`predict(int8=True)` on the real checkpoints: measured on these 96 rows, 96 (Gemma) and 93
-    (SmolLM2) equal predictions, mean |log-probability difference| 0.17 and 0.19."""
+    """`predict(int8=True)` on the real checkpoints: measured on these 96 rows, 95 (Gemma) and 94
+    (SmolLM2) equal predictions, mean |log-probability difference| 0.16 and 0.18."""
     from minilora.evaluate import predict
 
     folder = packaged_folder(name)
