@@ -249,6 +249,10 @@ def main(argv=None) -> int:
         if ref:
             text += (f"; the bound is {bound['bound_examples_per_s'] / ref['examples_per_s']:.1f}x the seeds' "
                      "generate")
+        if "score-int8" in results:  # the same matmul work, counted as if it were fp32
+            equivalent = results["score-int8"]["examples_per_s"] * bound["flops_per_row"] / 1e9
+            text += (f"\nscore-int8 does that work at {equivalent:.0f} fp32-equivalent GFLOP/s "
+                     f"({equivalent / bound['matmul_gflops_per_s']:.0%} of the fp32 probe)")
     if skipped:
         text += f"\nreference: skipped ({skipped})"
     print(text, flush=True)

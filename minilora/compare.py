@@ -14,7 +14,7 @@ import torch
 
 from . import data as data_mod
 from .adapter_io import base_model_check, load_adapter
-from .device import pick_device, pick_dtype
+from .device import cpu_has_fast_int8, pick_device, pick_dtype
 from .evaluate import evaluate, predict
 from .finetune import build_model, make_formatter, opt, subset_rows
 from .lora import lora_modules, merge_adapters, remove_adapters
@@ -58,6 +58,8 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
         raise ValueError("--check-merge compares the adapters as trained with their merge; run it without --int8")
     device = pick_device(cfg.device)
     dtype = pick_dtype(device, cfg.dtype)
+    if cfg.int8 and device.type == "cpu" and not cpu_has_fast_int8():
+        log("note: this CPU has no VNNI / AMX int8 instructions: --int8 will likely be slower than fp32 here")
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
                                    train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed,
                                    skip_bad_rows=cfg.skip_bad_rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minilora.device import cpu_has_fast_bf16, pick_device, pick_dtype
+from minilora.device import cpu_has_fast_bf16, cpu_has_fast_int8, pick_device, pick_dtype
 
 CPU = torch.device("cpu")
 
@@ -22,6 +22,17 @@ def test_cpu_default_is_bf16_only_with_amx_tiles(monkeypatch, amx, expected):
 def test_cpu_without_the_amx_query_falls_back_to_fp32(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert pick_dtype(CPU) is torch.float32
+
+
+@pytest.mark.parametrize("vnni, amx, expected", [(True, False, True), (False, True, True), (False, False, False),
+                                                  (None, None, False)])
+def test_fast_int8_needs_vnni_or_amx(monkeypatch, vnni, amx, expected):
+    for name, value in (("_is_vnni_supported", vnni), ("_is_amx_tile_supported", amx)):
+        if value is None:  # an older torch without the query
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+    assert cpu_has_fast_int8() is expected
 
 
 def test_an_explicit_dtype_wins_over_the_hardware(monkeypatch):

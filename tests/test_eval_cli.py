@@ -110,7 +110,11 @@ def test_int8_evaluation_runs_in_int8_and_says_so(setup, tmp_path, monkeypatch):
         return real_scoring(model, *args, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "label_logprobs", spy)
-    results = run_comparison(_cfg(setup, tmp_path, int8=True), **QUIET)
+    for query in ("_is_vnni_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, query, lambda: False, raising=False)
+    lines = []
+    results = run_comparison(_cfg(setup, tmp_path, int8=True), log=lines.append)
+    assert any("no VNNI / AMX" in line for line in lines)  # where int8 products are not faster, it says so
     # per run (warm-up, baseline, adapter): an fp32 pass over the calibration rows, then the rest in int8
     assert int8_passes == [False, True] * 3
     report = json.loads((tmp_path / "plain" / "report.json").read_text())

@@ -23,7 +23,7 @@ from minilora.tokenizer import Tokenizer
 from tests.tiny import hf_model, nonzero_lora_B_, save_tiny_checkpoint, tiny_gemma_config, tiny_llama_config
 
 TEXTS = [f"w{i} w{i + 3} w{i + 7} w{i + 11} ." for i in range(12)]
-CLOSE = 0.15  # largest |int8 - fp32| log-probability of the tiny random models (~1 % of their size); seen: 0.062
+CLOSE = 0.15  # largest |int8 - fp32| log-probability of the tiny random models (~1 % of their size); seen: 0.097
 
 
 def test_quantize_rows_rounds_each_row_to_its_own_scale():
