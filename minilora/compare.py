@@ -15,7 +15,7 @@ import torch
 from . import data as data_mod
 from .adapter_io import base_model_check, load_adapter
 from .device import cpu_has_fast_int8, pick_device, pick_dtype
-from .evaluate import evaluate, predict
+from .evaluate import INT8_CALIBRATION_ROWS, evaluate, predict
 from .finetune import build_model, make_formatter, opt, subset_rows
 from .lora import lora_modules, merge_adapters, remove_adapters
 from .quant import dequantize_nf4
@@ -44,8 +44,8 @@ class EvalConfig:
     prompt_format: str = opt("auto", "auto, chat or plain (as in training)", choices=["auto", "chat", "plain"])
     qlora: bool = opt(False, "load the base in NF4 (for adapters trained with --qlora)")
     check_merge: bool = opt(False, "also evaluate each adapter merged into the base and report differences")
-    int8: bool = opt(False, "run the decoder's projections in int8 (faster on CPUs with VNNI; the first 32 rows "
-                            "run as usual and calibrate it; see minilora/int8.py)")
+    int8: bool = opt(False, f"run the decoder's projections in int8 (faster on CPUs with VNNI; the first "
+                            f"{INT8_CALIBRATION_ROWS} rows run as usual and calibrate it; see minilora/int8.py)")
     output_dir: str = opt("runs/eval", "where reports go (one subfolder per run)")
     device: str = opt("auto", "cpu, cuda or auto")
     dtype: str = opt("auto", "auto, fp32 or bf16")

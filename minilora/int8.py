@@ -1,9 +1,11 @@
 """Int8 inference (W8A8): every decoder projection as one int8 x int8 -> int32 product.
 
 For evaluation only, and opt-in (`eval.py --int8`). Where the CPU has int8 dot-product instructions
-(VNNI), `torch._int_mm` runs ~4x the fp32 matmul rate (benchmarks/NOTES.md round 18); the products
-are most of `score`'s time, so the evaluation runs ~1.6x faster, at the cost of ~1 % of rows whose
-predicted label changes. fp32 stays the default everywhere.
+(AVX512-VNNI, AMX), `torch._int_mm` runs ~4x the fp32 matmul rate, and `score` 1.6-1.8x faster than
+in fp32 on the two packaged models, with 1.6 % (Gemma 3 270M) and 4 % (SmolLM2) of the test rows
+predicted differently and accuracy within 0.4 points (benchmarks/NOTES.md round 18). Without those
+instructions (AVX2 alone) `_int_mm` runs near the fp32 rate and int8 only adds work. fp32 stays the
+default everywhere.
 
 * Weights: each projection's effective weight (base + adapter update, NF4 dequantized) in int8, one
   scale per output channel.
