@@ -26,11 +26,13 @@ read at a few tokens (the labels' first tokens), its normaliser built one chunk 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .int8 import Int8Head
 from .model import CausalLM, soft_cap
 
 VOCAB_CHUNK = 2048  # rows of the head weight per step: 5 MB in fp32 at H = 640, cache-resident on CPUs
@@ -96,21 +98,29 @@ def head_log_probs_at(model: CausalLM, hidden: Tensor, tokens: Tensor, chunk: in
     (N, chunk) buffer, so the (N, V) logits and their log-softmax, 2 x 268 MB for 256 rows of Gemma 3's
     262k vocabulary, are never made."""
     weight, cap, rows = plain_head_weight(model), model.config.final_logit_softcap, hidden.shape[0]
-    if isinstance(model.lm_head, Int8Head):  # `int8_for_inference`: the read logits in fp32, the normaliser in int8
-        picked = hidden @ model.lm_head.weight[tokens].t()
-        return (picked if cap is None else soft_cap(picked, cap)).float() - model.lm_head.log_sum_exp(hidden)[:, None]
-    if weight is None:
+    normaliser = getattr(model.lm_head, "log_sum_exp", None)  # a head with its own (int8.Int8Head)
+    if weight is None and normaliser is None:
         return torch.log_softmax(model.project(hidden).float(), dim=-1)[:, tokens]
 
     def capped(logits: Tensor) -> Tensor:  # as model.project, in place on a buffer of our own
         return logits if cap is None else soft_cap(logits, cap, in_place=True)
 
-    buffer = hidden.new_empty(rows * min(chunk, weight.shape[0]))
-    chunk_lse = torch.empty(rows, -(-weight.shape[0] // chunk), device=hidden.device)
-    for index, start in enumerate(range(0, weight.shape[0], chunk)):
-        piece = weight[start : start + chunk]
-        out = buffer[: rows * piece.shape[0]].view(rows, piece.shape[0])  # contiguous, for the last chunk too
-        logits = capped(torch.mm(hidden, piece.t(), out=out))
-        chunk_lse[:, index] = torch.logsumexp(logits.float(), dim=1)
-    picked = capped(hidden @ weight[tokens].t()).float()  # (N, K)
-    return picked - torch.logsumexp(chunk_lse, dim=1, keepdim=True)
+    if normaliser is None:
+        buffer = hidden.new_empty(rows * min(chunk, weight.shape[0]))
+
+        def chunk_logits(start: int, end: int) -> Tensor:  # into the reused buffer, contiguous for the last chunk too
+            return capped(torch.mm(hidden, weight[start:end].t(), out=buffer[: rows * (end - start)].view(rows, -1)))
+
+        normaliser = partial(log_sum_exp_by_chunks, chunk_logits, weight.shape[0], chunk=chunk)
+    picked = capped(hidden @ model.lm_head.weight[tokens].t()).float()  # (N, K)
+    return picked - normaliser(hidden)[:, None]
+
+
+def log_sum_exp_by_chunks(chunk_logits: Callable[[int, int], Tensor], vocab: int, hidden: Tensor,
+                          chunk: int = VOCAB_CHUNK) -> Tensor:
+    """(N,) fp32 log sum_v exp(logit_v) over a vocabulary of `vocab` rows for the N rows of `hidden`,
+    where chunk_logits(start, end) gives the (N, end - start) logits of vocabulary rows start:end."""
+    chunk_lse = torch.empty(hidden.shape[0], -(-vocab // chunk), device=hidden.device)
+    for index, start in enumerate(range(0, vocab, chunk)):
+        chunk_lse[:, index] = torch.logsumexp(chunk_logits(start, min(start + chunk, vocab)).float(), dim=1)
+    return torch.logsumexp(chunk_lse, dim=1)

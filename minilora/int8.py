@@ -32,11 +32,12 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .head_loss import log_sum_exp_by_chunks
 from .lora import LoRALinear
+from .lora_op import gated_activation
 from .model import soft_cap
 from .quant import NF4Linear
 
-HEAD_CHUNK = 2048  # vocabulary rows per int8 product in `Int8Head.log_sum_exp`
 DEFAULT_ALPHA = 0.65  # migration strength; of 0, 0.5, 0.65, 0.8, 0.9 it agreed best with fp32 (NOTES round 18)
 
 
@@ -136,17 +137,12 @@ class Int8GatedMLP(nn.Module):
     def forward(self, x: Tensor, recompute_product: bool = False) -> Tensor:
         codes, row_scales = self.gate_proj.shared.quantize(x)
         gate = int8_product(codes, self.gate_proj.weight_codes.t()).float()
-        gate = _activation_(gate.mul_(row_scales).mul_(self.gate_proj.weight_scales), self.gelu)
+        gate = gated_activation(gate.mul_(row_scales).mul_(self.gate_proj.weight_scales), self.gelu, in_place=True)
         up = int8_product(codes, self.up_proj.weight_codes.t()).float().mul_(self.up_scales)
         product_codes, product_scales = quantize_rows(gate.mul_(up), in_place=True)  # act(gate) * up / s / rows
         out = int8_product(product_codes, self.down_proj.weight_codes.t()).float()
         out = out.mul_(product_scales.mul_(row_scales)).mul_(self.down_proj.weight_scales)
         return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
-
-
-def _activation_(gate: Tensor, gelu: bool) -> Tensor:
-    """model.MLP's activation (lora_op.gated_activation), in place."""
-    return torch.ops.aten.gelu_(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate, inplace=True)
 
 
 class Int8Head(nn.Module):
@@ -170,15 +166,13 @@ class Int8Head(nn.Module):
 
     def log_sum_exp(self, hidden: Tensor) -> Tensor:  # (N, H) -> (N,) fp32
         codes, row_scales = quantize_rows(hidden)
-        vocab = self.weight_codes.shape[0]
-        chunk_lse = torch.empty(hidden.shape[0], -(-vocab // HEAD_CHUNK), device=hidden.device)
-        for index, start in enumerate(range(0, vocab, HEAD_CHUNK)):
-            logits = int8_product(codes, self.weight_codes[start : start + HEAD_CHUNK].t()).float()
-            logits.mul_(row_scales).mul_(self.weight_scales[start : start + HEAD_CHUNK])
-            if self.softcap is not None:
-                soft_cap(logits, self.softcap, in_place=True)
-            chunk_lse[:, index] = torch.logsumexp(logits, dim=1)
-        return torch.logsumexp(chunk_lse, dim=1)
+
+        def chunk_logits(start: int, end: int) -> Tensor:
+            logits = int8_product(codes, self.weight_codes[start:end].t()).float()
+            logits.mul_(row_scales).mul_(self.weight_scales[start:end])
+            return logits if self.softcap is None else soft_cap(logits, self.softcap, in_place=True)
+
+        return log_sum_exp_by_chunks(chunk_logits, self.weight_codes.shape[0], hidden)
 
 
 def effective_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:

@@ -145,8 +145,11 @@ def gated_lora_linear(gate: Tensor, up: Tensor, gelu: bool, weight: Tensor, lora
     return _forward(gated_activation(gate, gelu) * up, weight, lora_A, lora_B, drops, p, scale, x_is_scratch=True)
 
 
-def gated_activation(gate: Tensor, gelu: bool) -> Tensor:
-    """tanh-GELU (Gemma) or SiLU (Llama) of the gate projection: model.MLP's activation, here and there."""
+def gated_activation(gate: Tensor, gelu: bool, in_place: bool = False) -> Tensor:
+    """tanh-GELU (Gemma) or SiLU (Llama) of the gate projection: model.MLP's activation, here and there.
+    in_place: overwrite gate (a tensor autograd does not track, e.g. int8.Int8GatedMLP's)."""
+    if in_place:
+        return torch.ops.aten.gelu_(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate, inplace=True)
     return torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
 
 
