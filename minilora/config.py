@@ -129,7 +129,7 @@ class _Reader:
         return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _rope_from_dict(params: dict[str, Any] | None, theta: float, source: str) -> RopeConfig:
+def _rope_from_dict(params: dict[str, Any] | None, theta: float, source: str, max_positions: int) -> RopeConfig:
     if not params:
         return RopeConfig(theta=float(theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -143,7 +143,8 @@ def _rope_from_dict(params: dict[str, Any] | None, theta: float, source: str) ->
         factor=float(params.get("factor", 1.0)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        # transformers' default when a scaled type leaves it out: the model's own context length
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_positions)),
     )
 
 
@@ -171,8 +172,9 @@ def _llama_config(r: _Reader) -> ModelConfig:
     r.refuse_unless("hidden_act", (None, "silu"), "Llama MLP is SwiGLU")
     shared = _shared_fields(r, max_positions=2048, tied=False)
     # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_theta + rope_scaling
-    rope_params = r.raw.get("rope_parameters") or r.raw.get("rope_scaling")
-    rope = _rope_from_dict(rope_params, r.get("rope_theta", 10000.0), r.source)
+    # with both, the legacy rope_scaling wins, as transformers reads such a file
+    rope_params = r.raw.get("rope_scaling") or r.raw.get("rope_parameters")
+    rope = _rope_from_dict(rope_params, r.get("rope_theta", 10000.0), r.source, shared["max_position_embeddings"])
     return ModelConfig(
         model_type="llama",
         **shared,
@@ -204,12 +206,15 @@ def _gemma3_config(r: _Reader) -> ModelConfig:
         raise ConfigError(f"{r.source}: use_bidirectional_attention=true is not implemented (causal decoders only)")
     shared = _shared_fields(r, max_positions=131072, tied=True)
     head_dim = int(r.get("head_dim", 256))
-    params = r.raw.get("rope_parameters")
+    params, legacy = r.raw.get("rope_parameters"), r.raw.get("rope_scaling")
+    max_positions = shared["max_position_embeddings"]
     if params and "full_attention" in params:  # transformers 5 layout: one dict per layer type
-        rope_global = _rope_from_dict(params["full_attention"], 1_000_000.0, r.source)
-        rope_local = _rope_from_dict(params.get("sliding_attention"), 10_000.0, r.source)
+        # a legacy rope_scaling next to it is merged into the global layers' dict, as transformers does
+        full = {**(params["full_attention"] or {}), **(legacy or {})}
+        rope_global = _rope_from_dict(full, 1_000_000.0, r.source, max_positions)
+        rope_local = _rope_from_dict(params.get("sliding_attention"), 10_000.0, r.source, max_positions)
     else:  # checkpoint layout: rope_theta (+ rope_scaling) global, rope_local_base_freq local, unscaled
-        rope_global = _rope_from_dict(r.raw.get("rope_scaling") or params, r.get("rope_theta", 1_000_000.0), r.source)
+        rope_global = _rope_from_dict(legacy or params, r.get("rope_theta", 1_000_000.0), r.source, max_positions)
         rope_local = RopeConfig(theta=float(r.get("rope_local_base_freq", 10_000.0)))
     return ModelConfig(
         model_type="gemma3_text",

@@ -152,7 +152,8 @@ class Tokenizer:
 
     def end_of_turn_id(self) -> int:
         """The token that closes an assistant turn in the chat template (Gemma `<end_of_turn>`,
-        ChatML `<|im_end|>`), found by rendering a turn; eos when there is no template."""
+        ChatML `<|im_end|>`), found by rendering a turn: the first special token after the answer,
+        else the first token after it; eos when there is no template."""
         if not self.chat_template:
             return self.eos_id
         marker = "\u2063ANSWER\u2063"
@@ -166,4 +167,7 @@ class Tokenizer:
         ids = self.backend.encode(tail, add_special_tokens=False).ids
         if not ids:
             return self.eos_id
-        return ids[0]
+        # the first special token after the answer: a template that writes the content through
+        # `| tojson` closes the JSON string (a plain '"') before it ends the turn
+        specials = {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
+        return next((i for i in ids if i in specials), ids[0])

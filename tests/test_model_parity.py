@@ -1,8 +1,12 @@
 """Logits parity with transformers on tiny random Gemma 3 and Llama configs (fp32, max-abs-diff <= 1e-4)."""
 
+import copy
+
 import pytest
 import torch
 
+from minilora.config import ModelConfig
+from minilora.model import CausalLM
 from tests.tiny import hf_model, ragged_batch, tiny_gemma_config, tiny_llama_config, twin
 
 TOL = 1e-4
@@ -40,6 +44,38 @@ def test_logits_match_transformers(name):
     with torch.no_grad():
         expected = hf(input_ids=ids).logits
         got = ours(ids).logits
+    assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("original_max", [16, None])
+def test_a_legacy_rope_scaling_next_to_rope_parameters_reads_as_transformers_reads_it(family, original_max):
+    """A file with both fields: transformers takes the legacy rope_scaling (Gemma 3: merged into the
+    global layers' dict) and, when llama3 scaling leaves original_max_position_embeddings out, the
+    model's max_position_embeddings."""
+    from transformers import AutoConfig
+
+    scaling = {key: value for key, value in LLAMA3_SCALING.items()
+               if key != "original_max_position_embeddings" or original_max is not None}
+    raw = (tiny_llama_config() if family == "llama" else tiny_gemma_config()).to_dict()
+    raw.update(rope_theta=500000.0, max_position_embeddings=12, rope_scaling=scaling)
+    if family == "llama":
+        raw["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    else:
+        raw["rope_parameters"] = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                  "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+    hf = hf_model(AutoConfig.for_model(**copy.deepcopy(raw)))  # transformers edits the dicts it is given
+    read = hf.config.rope_parameters
+    assert read.get("full_attention", read)["rope_type"] == "llama3"  # the oracle did read the legacy field
+    config = ModelConfig.from_hf_dict(raw)  # the file as written, not transformers' normalised copy
+    assert (config.rope_global.rope_type, config.rope_global.theta) == ("llama3", 500000.0)
+    ours = CausalLM(config)
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    ours.tie_weights()
+    ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours.eval()(ids).logits
     assert (got - expected).abs().max().item() <= TOL
 
 
