@@ -136,10 +136,17 @@ def save_checkpoint(folder: Path, model: CausalLM, optimizer: torch.optim.Optimi
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    """The latest complete checkpoint (the `.old` one if a crash hit between the two renames)."""
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
+    """The latest complete checkpoint, always at `folder`. A crash between save_checkpoint's two
+    renames leaves only the `.old` one: it moves back into place, so that no `.old` copy outlives the
+    resume (a resume with nothing left to train writes no new checkpoint to clear it)."""
+    old = folder.with_name(folder.name + ".old")
+    if (folder / STATE_FILE).is_file():
+        shutil.rmtree(old, ignore_errors=True)  # a crash after the swap, before the clean-up
+        return folder
+    if (old / STATE_FILE).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        old.rename(folder)
+        return folder
     return None
 
 

@@ -3,6 +3,7 @@
 import csv
 import math
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from minilora.finetune import RunConfig, RunError, run
 from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
 from minilora.prompts import PromptFormatter, collate
 from minilora.tokenizer import Tokenizer
-from minilora.trainer import LoopConfig, accumulate_gradients, lr_at, plan_steps
+from minilora.trainer import STATE_FILE, LoopConfig, accumulate_gradients, lr_at, plan_steps
 from tests.tiny import hf_model, save_tiny_checkpoint, tiny_llama_config
 
 
@@ -199,6 +200,22 @@ def test_resume_before_the_first_checkpoint_starts_over_with_a_fresh_log(tiny_di
     run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", resume=True, **settings), log=logs.append)
     final = next(line for line in logs if line.startswith("trained 4 steps"))
     assert "final loss nan" not in final and "final loss" in final
+
+
+@pytest.mark.parametrize("crash", ["between the renames", "before the clean-up"])
+def test_a_crash_inside_the_checkpoint_swap_resumes_from_the_complete_checkpoint(tiny_dir, tiny_csv, tmp_path,
+                                                                                 crash):
+    out = tmp_path / "run"
+    run(_cfg(tiny_dir, tiny_csv, out), log=lambda line: None)
+    checkpoint, old = out / "checkpoint", out / "checkpoint.old"
+    if crash == "between the renames":  # only the previous checkpoint, under .old
+        checkpoint.rename(old)
+    else:  # the new one in place and the previous one not yet removed
+        shutil.copytree(checkpoint, old)
+    logs = []
+    run(_cfg(tiny_dir, tiny_csv, out, resume=True), log=logs.append)  # nothing left to train
+    assert any(line.startswith(f"resumed from {checkpoint} at step 4/4") for line in logs)
+    assert (checkpoint / STATE_FILE).is_file() and not old.exists()
 
 
 @pytest.mark.parametrize("failing_validation", [1, 2])  # at step 2, at the last step (4)
