@@ -1,4 +1,6 @@
-"""argparse built from a config dataclass: one flag per field, help from the field's metadata."""
+"""The command lines: argparse built from a config dataclass (one flag per field, help from the
+field's metadata), and the train / eval commands themselves. `train.py` and `eval.py` call them; a
+wheel installs them as `minilora-train`, `minilora-eval` and `minilora-predict` (pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,25 @@ import types
 import typing
 from dataclasses import MISSING, fields
 from typing import Any
+
+from .allocator import reexec_with_preferred_malloc
+
+TRAIN_HELP = """Fine-tune a LoRA / QLoRA adapter for financial sentiment classification.
+
+    python train.py --model gemma-3-270m --data ../shared/data/financial_phrasebank/FinancialPhraseBank-v1.0.zip
+
+Every setting of the run is a flag (python train.py --help); the flags as given are saved in the output
+folder (run_config.json), and --resume checks them.
+"""
+
+EVAL_HELP = """Evaluate the base model and fine-tuned adapters side by side on a test split.
+
+    python eval.py --model gemma-3-270m --adapter runs/finetune/adapter \\
+        --data ../shared/data/financial_phrasebank/FinancialPhraseBank-v1.0.zip --output-dir runs/eval
+
+Writes one report folder per run (report.json, predictions.csv, confusion_matrix.png, summary.md)
+and comparison.md with the side-by-side table.
+"""
 
 
 def _base_type(annotation: Any) -> type:
@@ -51,3 +72,39 @@ def run_cli(config_cls: type, run, description: str, argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def train(argv=None) -> int:
+    from .finetune import RunConfig, run  # loads torch: after the malloc choice of the caller
+
+    return run_cli(RunConfig, run, TRAIN_HELP, argv)
+
+
+def evaluate(argv=None) -> int:
+    from .compare import EvalConfig, run_comparison  # loads torch: after the malloc choice of the caller
+
+    return run_cli(EvalConfig, run_comparison, EVAL_HELP, argv)
+
+
+def _command(main) -> None:
+    import sys
+
+    reexec_with_preferred_malloc()  # before torch loads: tcmalloc if installed (allocator.py)
+    sys.exit(main())
+
+
+def train_command() -> None:
+    """train.py and `minilora-train`."""
+    _command(train)
+
+
+def eval_command() -> None:
+    """eval.py and `minilora-eval`."""
+    _command(evaluate)
+
+
+def predict_command() -> None:
+    """`minilora-predict` (also `python -m minilora.predict`)."""
+    from .predict import main
+
+    _command(main)

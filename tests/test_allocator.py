@@ -90,14 +90,32 @@ def test_a_process_restarts_once_on_tcmalloc_or_stays_on_the_system_malloc():
     assert kept.stdout.strip() == "False" and "restarting" not in kept.stderr
 
 
+def _installed(name: str) -> str:
+    """A console script of pyproject's [project.scripts], as pip put it beside this interpreter."""
+    script = Path(sys.executable).parent / name
+    assert script.is_file(), f"{script} is missing: `pip install -e .` installs it ([project.scripts])"
+    return str(script)
+
+
+@pytest.mark.parametrize("name, flag", [("minilora-train", "--resume"), ("minilora-eval", "--adapter"),
+                                        ("minilora-predict", "--adapter")])
+def test_the_installed_commands_run_without_the_checkout(tmp_path, name, flag):
+    """The wheel has no train.py / eval.py: its commands are these scripts, run here from another folder."""
+    out = subprocess.run([_installed(name), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: " + name) and flag in out.stdout
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is a Linux feature")
-@pytest.mark.parametrize("command", [["train.py"], ["eval.py"], ["-m", "minilora.predict"]])
+@pytest.mark.parametrize("command", [["train.py"], ["eval.py"], ["-m", "minilora.predict"], ["minilora-train"]])
 def test_every_command_line_entry_point_restarts_on_tcmalloc(command):
     library = find_tcmalloc()
     if library is None:
         pytest.skip("no tcmalloc installed here (bash .ci/fetch-tcmalloc puts one into the virtual environment)")
     env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     env[ENV_CHOICE] = str(library)
+    if command[0].startswith("minilora-"):  # the restart runs `python <script>` again
+        command = [_installed(command[0])]
     out = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("restarting on libtcmalloc") == 1 and "usage:" in out.stdout
