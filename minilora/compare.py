@@ -16,7 +16,7 @@ from . import data as data_mod
 from .adapter_io import base_model_check, load_adapter
 from .device import cpu_has_fast_int8, pick_device, pick_dtype
 from .evaluate import INT8_CALIBRATION_ROWS, evaluate, predict
-from .finetune import build_model, make_formatter, opt, subset_rows
+from .finetune import build_model, make_formatter, note_label_set, opt, subset_rows
 from .lora import lora_modules, merge_adapters, remove_adapters
 from .quant import dequantize_nf4
 from .report import atomic_write, comparison_table
@@ -30,6 +30,7 @@ class EvalConfig:
     adapter: list[str] = field(default_factory=list, metadata={"help": "adapter folder(s) to compare with the base"})
     baseline: bool = opt(True, "evaluate the base model alone as well")
     data: str | None = opt(None, "same forms as train.py --data")
+    labels: str = opt(",".join(data_mod.DEFAULT_LABELS), "the label set, comma-separated (as in training)")
     agreement: str = opt("50", "FinancialPhraseBank agreement level", choices=["50", "66", "75", "all"])
     split_protocol: str = opt("seed", "seed or standard (1,212 test rows)", choices=["seed", "standard"])
     train_per_class: int = opt(300, "seed protocol: training rows per class")
@@ -62,7 +63,8 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
         log("note: this CPU has no VNNI / AMX int8 instructions: --int8 will likely be slower than fp32 here")
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
                                    train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed,
-                                   skip_bad_rows=cfg.skip_bad_rows)
+                                   labels=data_mod.parse_label_set(cfg.labels), skip_bad_rows=cfg.skip_bad_rows)
+    note_label_set(splits.info.labels, cfg.prompt_template, log)
     examples = getattr(splits, cfg.split)
     examples = subset_rows(examples, cfg.limit, cfg.seed)
     if not examples:

@@ -112,6 +112,16 @@ def _normalise_agreement(agreement: str | int) -> str:
     return key
 
 
+def parse_label_set(text: str, flag: str = "--labels") -> tuple[str, ...]:
+    """A comma-separated label set as the command lines take it: stripped and lower-cased (as rows'
+    labels are read), at least two, none repeated."""
+    labels = tuple(label.strip().lower() for label in text.split(","))
+    if any(not label for label in labels) or len(labels) < 2 or len(set(labels)) < len(labels):
+        raise DataError(f"{flag}: found {text!r}, expected two or more different comma-separated labels, "
+                        f"e.g. {','.join(DEFAULT_LABELS)!r}")
+    return labels
+
+
 def _parse_label(value: str, labels: tuple[str, ...]) -> tuple[str | None, str | None]:
     """Return (label, None) or (None, reason) for a raw label value."""
     label = value.strip().lower()

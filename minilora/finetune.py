@@ -46,6 +46,8 @@ class RunConfig:
     model: str = opt("gemma-3-270m", "Hub id, local HF folder, or packaged short name (gemma-3-270m, smollm2-135m-instruct)")
     data: str | None = opt(None, "FinancialPhraseBank zip / folder / Sentences_*.txt, or CSV / JSONL with text,label; "
                                  "default: fetch the official zip from the Hub")
+    labels: str = opt(",".join(data_mod.DEFAULT_LABELS), "the label set of the rows, comma-separated; the default "
+                      "prompt names positive / neutral / negative, so another set wants --prompt-template")
     agreement: str = opt("50", "annotator agreement level of FinancialPhraseBank", choices=["50", "66", "75", "all"])
     split_protocol: str = opt("seed", "seed: N per class train / test; standard: stratified 75/25 (1,212 test rows)",
                               choices=["seed", "standard"])
@@ -153,6 +155,12 @@ def build_model(model: str, device: torch.device, dtype: torch.dtype, qlora: boo
     return loaded, Tokenizer(loaded.folder)
 
 
+def note_label_set(labels: tuple[str, ...], prompt_template: str | None, log) -> None:
+    if prompt_template is None and labels != data_mod.DEFAULT_LABELS:
+        log(f"note: labels {list(labels)} with the default prompt, which asks for positive / neutral / negative; "
+            "--prompt-template gives a prompt that names this label set")
+
+
 def make_formatter(tokenizer: Tokenizer, prompt_format: str, template_file: str | None,
                    labels: tuple[str, ...]) -> PromptFormatter:
     chat = prompt_format == "chat" or (prompt_format == "auto" and tokenizer.chat_template is not None)
@@ -233,7 +241,8 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     splits = data_mod.load_dataset(cfg.data, agreement=cfg.agreement, protocol=cfg.split_protocol,
                                    train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed,
-                                   skip_bad_rows=cfg.skip_bad_rows)
+                                   labels=data_mod.parse_label_set(cfg.labels), skip_bad_rows=cfg.skip_bad_rows)
+    note_label_set(splits.info.labels, cfg.prompt_template, log)
     log(f"data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test rows")
     for name, rows in (("training", splits.train), ("test", splits.test)):
         if not rows:  # the run trains on one and ends by evaluating the other

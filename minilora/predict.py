@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     import torch  # with the modules below, after the malloc choice under __main__
 
     from .adapter_io import base_model_check, load_adapter
+    from .data import parse_label_set
     from .device import pick_device, pick_dtype
     from .finetune import build_model, make_formatter
     from .prompts import DEFAULT_LABELS
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         loaded, tokenizer = build_model(args.model, device, pick_dtype(device, args.dtype), args.qlora)
         if args.adapter:
             load_adapter(loaded.model, args.adapter, config_check=base_model_check(args.model))
-        labels = tuple(label.strip().lower() for label in args.labels.split(","))  # as training's data reader
+        labels = parse_label_set(args.labels)  # as train.py / eval.py read it
         formatter = make_formatter(tokenizer, args.prompt_format, args.prompt_template, labels)
         logprobs = label_logprobs(loaded.model, formatter, sentences)
     except (ValueError, OSError, RuntimeError, ImportError) as err:  # as train.py / eval.py: one line

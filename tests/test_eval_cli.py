@@ -221,6 +221,20 @@ def test_unknown_label_is_refused(setup, tmp_path):
         run_comparison(_cfg(setup, tmp_path / "out", data=str(bad)), **QUIET)
 
 
+def test_a_label_set_of_two_is_evaluated_over_those_two(setup, tmp_path):
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w{i} w{i + 20}", "label": ("positive", "negative")[i % 2],
+                                        "split": "test"}) + "\n" for i in range(8)))
+    logs = []
+    results = run_comparison(_cfg(setup, tmp_path / "out", data=str(data), labels="positive,negative"),
+                             log=logs.append)
+    report = json.loads((tmp_path / "out" / "plain" / "report.json").read_text())
+    assert list(report["metrics"]["per_class"]) == ["positive", "negative"]
+    assert results["plain"]["n"] == 8 and any("note: labels ['positive', 'negative']" in line for line in logs)
+    with pytest.raises(DataError, match="--labels: found 'positive', expected two or more"):
+        run_comparison(_cfg(setup, tmp_path / "out", data=str(data), labels="positive"), **QUIET)
+
+
 def test_predict_cli_prints_label_and_probabilities(setup, capsys):
     from minilora.predict import main
 
@@ -232,3 +246,7 @@ def test_predict_cli_prints_label_and_probabilities(setup, capsys):
         assert line["label"] in ("positive", "neutral", "negative")
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
         assert max(line["probabilities"], key=line["probabilities"].get) == line["label"]
+    assert main(["--model", str(folder), "--labels", "Positive,negative", "w1 w2"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["probabilities"]) == ["positive", "negative"]
+    assert main(["--model", str(folder), "--labels", "positive,positive", "w1 w2"]) == 2
+    assert "--labels: found 'positive,positive'" in capsys.readouterr().err

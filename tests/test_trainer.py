@@ -138,6 +138,31 @@ def test_end_to_end_writes_adapter_metrics_and_report(tiny_dir, tiny_csv, tmp_pa
     assert "val_accuracy" in records[1] and "val_loss" in records[3]
 
 
+def test_a_two_label_csv_trains_and_reports_on_its_own_label_set(tiny_dir, tmp_path):
+    data = tmp_path / "two.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows([f"w{i} w{i + 30}", ("positive", "negative")[i % 2]] for i in range(40))
+    logs = []
+    out = tmp_path / "run"
+    metrics = run(_cfg(tiny_dir, data, out, labels="Positive, negative", max_steps=2), log=logs.append)
+    assert any("note: labels ['positive', 'negative'] with the default prompt" in line for line in logs)
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert list(report["metrics"]["per_class"]) == ["positive", "negative"]  # no class without support
+    assert metrics["macro_f1"] == pytest.approx(
+        sum(c["f1"] for c in report["metrics"]["per_class"].values()) / 2)
+    with pytest.raises(ValueError, match="label 'negative' is not in the label set"):  # the default set is refused
+        run(_cfg(tiny_dir, data, tmp_path / "three", labels="positive,neutral"), log=lambda line: None)
+
+
+@pytest.mark.parametrize("labels", ["positive", "positive,positive", "positive,,negative"])
+def test_a_label_set_that_cannot_classify_is_refused_before_anything_is_written(tiny_dir, tiny_csv, tmp_path, labels):
+    with pytest.raises(ValueError, match=f"--labels: found {labels!r}, expected two or more"):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", labels=labels), log=lambda line: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_same_seed_same_adapter(tiny_dir, tiny_csv, tmp_path):
     first = _adapter_after(tiny_dir, tiny_csv, tmp_path / "a", seed=5)
     second = _adapter_after(tiny_dir, tiny_csv, tmp_path / "b", seed=5)
