@@ -158,6 +158,12 @@ _UNSUPPORTED_OFF = {
     "trainable_token_indices": None,
     "exclude_modules": None,
     "layer_replication": None,
+    # peft variants whose forward is not plain LoRA / DoRA (aLoRA adapts only from its invocation tokens on)
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "monteclora_config": None,
 }
 
 
@@ -181,8 +187,11 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dic
         raise ValueError(f"{path}: required field(s) {missing} missing")
     for key, off in _UNSUPPORTED_OFF.items():
         value = raw.get(key, off)
-        if value != off and not (off is None and value in ([], {})):
+        if value != off and not (off in (None, False, {}) and value in (None, False, [], {})):
             raise ValueError(f"{path}: {key}={value!r} is not supported by minilora (expected {off!r})")
+    targets = raw["target_modules"]
+    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{path}: target_modules={targets!r}; expected a list of module names or a regex string")
     return LoraConfig(
         r=raw["r"],
         alpha=raw["lora_alpha"],

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from minilora.adapter_io import export_merged, load_adapter, save_adapter
+from minilora.adapter_io import export_merged, load_adapter, read_adapter_config, save_adapter
 from minilora.lora import LoRALinear, LoraConfig, adapter_parameters, inject_adapters, merge_adapters
 from minilora.quant import dequantize_nf4, quantize_nf4
 from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config
@@ -127,6 +127,15 @@ def test_load_errors_are_specific(tmp_path):
         load_adapter(source, tmp_path / "a")
     config_path.write_text(json.dumps({**config, "rank_pattern": {"q_proj": 8}}))
     with pytest.raises(ValueError, match=r"rank_pattern=\{'q_proj': 8\} is not supported"):
+        load_adapter(source, tmp_path / "a")
+    # aLoRA leaves the tokens before its invocation sequence unadapted: loaded as LoRA it would be wrong
+    config_path.write_text(json.dumps({**config, "alora_invocation_tokens": [7, 8]}))
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens=\[7, 8\] is not supported"):
+        load_adapter(source, tmp_path / "a")
+    config_path.write_text(json.dumps({**config, "use_bdlora": False, "alora_invocation_tokens": None}))
+    read_adapter_config(tmp_path / "a")  # the fields as peft writes them when they are off
+    config_path.write_text(json.dumps({**config, "target_modules": None}))
+    with pytest.raises(ValueError, match="target_modules=None; expected a list of module names or a regex"):
         load_adapter(source, tmp_path / "a")
 
     config_path.unlink()
