@@ -198,7 +198,24 @@ def check_output_dir(cfg: RunConfig) -> Path:
         if not saved.is_file():
             raise RunError(f"--overwrite replaces a training run, and {out} holds files but no run "
                            "(run_config.json missing); choose another --output-dir")
+        for flag, value in (("--data", cfg.data), ("--prompt-template", cfg.prompt_template), ("--model", cfg.model)):
+            if value is not None and Path(value).exists() and Path(value).resolve().is_relative_to(out.resolve()):
+                raise RunError(f"--overwrite empties {out}, and {flag} {value} is inside it; move it out of the "
+                               "folder or choose another --output-dir")
     return out
+
+
+def check_same_data(out: Path, info: data_mod.DataInfo) -> None:
+    """--resume: the rows must be the ones the run started with (same file content, same splits)."""
+    try:
+        previous = json.loads((out / "data_info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # a run cut before it wrote data_info.json: nothing to compare with
+    now = json.loads(json.dumps(asdict(info), default=str))
+    changed = [key for key in ("sha256", "split_counts") if key in previous and previous[key] != now[key]]
+    if changed:
+        raise RunError(f"--resume: the data differs from the run in {out} ({' and '.join(changed)} changed, see "
+                       f"{out / 'data_info.json'}); resume with the same --data, or start another run")
 
 
 def _same_setting(before, now) -> bool:
@@ -243,6 +260,8 @@ def run(cfg: RunConfig, log=print) -> dict:
                                    train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class, seed=cfg.seed,
                                    labels=data_mod.parse_label_set(cfg.labels), skip_bad_rows=cfg.skip_bad_rows)
     note_label_set(splits.info.labels, cfg.prompt_template, log)
+    if cfg.resume:
+        check_same_data(Path(cfg.output_dir), splits.info)
     log(f"data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test rows")
     for name, rows in (("training", splits.train), ("test", splits.test)):
         if not rows:  # the run trains on one and ends by evaluating the other

@@ -203,6 +203,38 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_dir, tiny_csv, tm
     assert elapsed == sorted(elapsed)  # the clock goes on from the checkpoint (it restarted at 0)
 
 
+def test_resume_refuses_data_that_changed_since_the_run_started(tiny_dir, tiny_csv, tmp_path):
+    data = tmp_path / "rows.csv"
+    shutil.copy(tiny_csv, data)
+
+    def crash_at_step_3(line):
+        if line.startswith("step 3/4"):
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, data, tmp_path / "run"), log=crash_at_step_3)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1] + [lines[-1].replace("negative", "positive")]) + "\n")  # one label
+    with pytest.raises(RunError, match=r"the data differs from the run in .*\(sha256 and split_counts changed"):
+        run(_cfg(tiny_dir, data, tmp_path / "run", resume=True), log=lambda line: None)
+    shutil.copy(tiny_csv, data)  # the same rows again: the run goes on
+    run(_cfg(tiny_dir, data, tmp_path / "run", resume=True), log=lambda line: None)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("inside", ["--data", "--prompt-template"])
+def test_overwrite_never_deletes_the_runs_own_inputs(tiny_dir, tiny_csv, tmp_path, inside):
+    out = tmp_path / "run"
+    run(_cfg(tiny_dir, tiny_csv, out, max_steps=1, eval_every=0, save_every=0), log=lambda line: None)
+    data, template = out / "rows.csv", out / "template.txt"
+    shutil.copy(tiny_csv, data)
+    template.write_text("w1 [{text}] =")
+    settings = {"data": data} if inside == "--data" else {"prompt_template": str(template)}
+    with pytest.raises(RunError, match=f"--overwrite empties {out}, and {inside} .* is inside it"):
+        run(_cfg(tiny_dir, settings.pop("data", tiny_csv), out, overwrite=True, **settings), log=lambda line: None)
+    assert data.is_file() and template.is_file() and (out / "adapter").is_dir()
+
+
 def test_resume_before_the_first_checkpoint_starts_over_with_a_fresh_log(tiny_dir, tiny_csv, tmp_path):
     settings = dict(save_every=0, eval_every=0)  # the only checkpoint is the last step's
     run(_cfg(tiny_dir, tiny_csv, tmp_path / "full", **settings), log=lambda line: None)
