@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_LABELS = ("positive", "neutral", "negative")
+INVALID_LABEL = "invalid"  # what a generated answer that names no label is recorded as (metrics.py)
 AGREEMENTS = {"50": "50Agree", "66": "66Agree", "75": "75Agree", "all": "AllAgree"}
 ZIP_NAME = "FinancialPhraseBank-v1.0.zip"
 ZIP_DIR = "FinancialPhraseBank-v1.0"
@@ -267,13 +268,20 @@ def read_table(
                 columns = reader.fieldnames or []
                 if "text" not in columns or "label" not in columns:
                     raise DataError(f"{path}: header has columns {columns}, expected 'text' and 'label'")
-                for record in reader:
-                    _table_record(record, f"{path}:{reader.line_num}", labels, rows, "split" in columns)
+                start = reader.line_num + 1
+                for record in reader:  # a record may span lines (a quoted newline, or an unclosed quote)
+                    span = f"{start}" if reader.line_num == start else f"{start}-{reader.line_num}"
+                    _table_record(record, f"{path}:{span}", labels, rows, "split" in columns)
+                    start = reader.line_num + 1
             except UnicodeDecodeError:
                 raise _not_utf8(path) from None
+            except csv.Error as err:  # e.g. a field over csv's size limit
+                raise DataError(f"{path}:{start}: not a readable CSV record ({err})") from None
     elif path.suffix.lower() in (".jsonl", ".json"):
         try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
+            # "\n" only: splitlines() would also split inside a text at U+2028 / U+2029 / U+0085, which
+            # json.dumps(ensure_ascii=False) leaves unescaped
+            lines = path.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
         records = []  # (line number, object); parsed first so we know whether any row has a split
@@ -469,6 +477,9 @@ def load_dataset(
     ceil(test_fraction * rows read) = 1,212 on 50Agree). A file with a split column is used as given.
     """
     labels = tuple(label.strip().lower() for label in labels)
+    if INVALID_LABEL in labels:
+        raise DataError(f"labels {list(labels)}: {INVALID_LABEL!r} is reserved for generated answers that name no "
+                        "label (predictions.csv, the confusion matrix); rename that label in the data")
     if protocol not in ("seed", "standard"):
         raise DataError(f"protocol: found {protocol!r}, expected 'seed' or 'standard'")
     for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):

@@ -239,6 +239,35 @@ def test_a_file_that_is_not_utf8_names_its_line(tmp_path, suffix):
         read_table(path)
 
 
+def test_csv_records_are_located_by_their_first_line_and_unreadable_ones_named(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\nok .,neutral\n"two\nlines",positive\nstray " quote,negative\n'
+                    'a,positive\nb,negative\n"open quote,positive\nc,neutral\nd,neutral\n')
+    with pytest.raises(DataError, match=r"d\.csv:8-10: field 'label' is missing"):  # from the open quote on
+        read_table(path)
+    rows = read_table(path, skip_bad_rows=True)
+    assert [e.text for e in rows.examples] == ["ok .", "two\nlines", 'stray " quote', "a", "b"]
+    assert rows.bad_rows[0].startswith(f"{path}:8-10: ")
+    path.write_text("text,label\n" + "x" * 200_000 + ",positive\n")  # over csv's field size limit
+    with pytest.raises(DataError, match=r"d\.csv:2: not a readable CSV record \(field larger than field limit"):
+        read_table(path)
+
+
+def test_jsonl_texts_keep_the_line_separators_json_leaves_unescaped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    texts = ["Sales\u2028rose .", "Costs\u2029fell\u0085 ."]
+    path.write_text("".join(json.dumps({"text": t, "label": "neutral"}, ensure_ascii=False) + "\r\n"
+                            for t in texts), encoding="utf-8")
+    assert [e.text for e in read_table(path).examples] == texts
+
+
+def test_the_name_kept_for_unparsed_answers_cannot_be_a_label(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nok .,valid\nno .,invalid\n")
+    with pytest.raises(DataError, match="'invalid' is reserved for generated answers that name no label"):
+        load_dataset(path, labels=("valid", "invalid"))
+
+
 def test_the_bad_row_message_names_the_cli_flag(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\nok .,neutral\n,positive\n")
