@@ -45,7 +45,7 @@ def predict(
     method: str = "score",
     batch_size: int = 16,
     share_prefix: bool = True,
-    max_new_tokens: int = 4,
+    max_new_tokens: int | None = None,
     merged: bool = True,
     int8: bool = False,
 ) -> Predictions:
@@ -58,6 +58,8 @@ def predict(
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if batch_size < 1:
         raise ValueError(f"batch size (--batch-size) must be >= 1, found {batch_size}")
+    if max_new_tokens is None:  # the longest label, with room for a quote, a full stop or a space
+        max_new_tokens = max(4, max(len(ids) for ids in formatter.label_ids.values()) + 3)
     run = partial(_predict, model, formatter, method=method, batch_size=batch_size, share_prefix=share_prefix,
                   max_new_tokens=max_new_tokens)
     started = time.perf_counter()  # the merge and the calibration count: this evaluation costs them

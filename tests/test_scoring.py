@@ -133,3 +133,25 @@ def test_parse_label():
     assert parse_label(" 2 (medium)", ("1", "2", "3")) == "2" and parse_label("12", ("1", "2")) == "invalid"
     assert parse_label("strong-buy!", ("buy", "strong-buy")) == "strong-buy"
     assert parse_label("Very_Bad", ("very_bad", "ok")) == "very_bad"
+
+
+def test_generate_decodes_long_enough_for_the_longest_label(tiny, monkeypatch):
+    """A label of 5 tokens needs more than the 4 new tokens a one-token label set gets."""
+    import importlib
+
+    evaluate_module = importlib.import_module("minilora.evaluate")
+    model, tok = tiny
+    fmt = PromptFormatter(tok, labels=("w1 w2 w3 w4 w5", "w6"))
+    longest = fmt.label_ids["w1 w2 w3 w4 w5"]
+    assert len(longest) == 5
+    asked = []
+
+    def answer_with_the_longest_label(model, prompts, max_new_tokens, stop_ids, pad_id):
+        asked.append(max_new_tokens)
+        return [longest[:max_new_tokens] for _ in prompts]  # a model that spells the label out
+
+    monkeypatch.setattr(evaluate_module, "generate", answer_with_the_longest_label)
+    result = predict(model, fmt, TEXTS[:2], "generate", merged=False)
+    assert asked == [8] and result.predicted == ["w1 w2 w3 w4 w5"] * 2
+    assert predict(model, PromptFormatter(tok), TEXTS[:1], "generate", merged=False).predicted == ["invalid"]
+    assert asked[-1] == 4  # one-token labels: as before
