@@ -171,9 +171,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dic
     """Parse and check an adapter_config.json (ours or peft's): (LoraConfig, the raw dict)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: adapter_config.json not found (is {adapter_dir} a peft / minilora adapter folder?)"
-        )
+        inner = Path(adapter_dir) / "adapter"
+        hint = (f"it holds a training run: pass {inner}" if (inner / CONFIG_NAME).is_file()
+                else f"is {adapter_dir} a peft / minilora adapter folder?")
+        raise FileNotFoundError(f"{path}: adapter_config.json not found ({hint})")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -234,6 +235,17 @@ def base_model_check(expected_model: str) -> Callable[[dict], None]:
             )
 
     return check
+
+
+def check_adapter_folder(adapter_dir: str | os.PathLike, config_check: Callable[[dict], None] | None = None) -> None:
+    """What load_adapter checks before it needs the model: the config, `config_check` on it, and that the
+    weights file is there. For commands that load several adapters, so that the last one's mistake is
+    found before the first is evaluated."""
+    _, raw = read_adapter_config(adapter_dir)
+    if config_check is not None:
+        config_check(raw)
+    if not (Path(adapter_dir) / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{Path(adapter_dir) / WEIGHTS_NAME}: adapter weights not found")
 
 
 def load_adapter(

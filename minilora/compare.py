@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .adapter_io import base_model_check, load_adapter
+from .adapter_io import base_model_check, check_adapter_folder, load_adapter
 from .device import cpu_has_fast_int8, pick_device, pick_dtype
 from .evaluate import INT8_CALIBRATION_ROWS, evaluate, predict
 from .finetune import build_model, make_formatter, note_label_set, opt, subset_rows
@@ -57,6 +57,8 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
         raise ValueError("nothing to evaluate: give --adapter DIR and/or keep --baseline")
     if cfg.int8 and cfg.check_merge:  # in int8 both passes would run the same merged int8 weights
         raise ValueError("--check-merge compares the adapters as trained with their merge; run it without --int8")
+    for adapter_dir in cfg.adapter:  # every folder before anything is evaluated
+        check_adapter_folder(adapter_dir, config_check=base_model_check(cfg.model))
     device = pick_device(cfg.device)
     dtype = pick_dtype(device, cfg.dtype)
     if cfg.int8 and device.type == "cpu" and not cpu_has_fast_int8():

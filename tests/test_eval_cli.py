@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -157,6 +159,19 @@ def test_adapter_for_another_base_model_is_refused(setup, tmp_path):
     other = save_tiny_checkpoint(tmp_path / "other", hf_model(tiny_gemma_config()))
     with pytest.raises(ValueError, match="adapter was trained on base model"):
         run_comparison(_cfg(setup, tmp_path / "out", model=str(other)), **QUIET)
+
+
+def test_every_adapter_folder_is_checked_before_anything_is_evaluated(setup, tmp_path):
+    _, _, adapters, root = setup
+    run_folder = tmp_path / "run"
+    shutil.copytree(adapters["plain"], run_folder / "adapter")  # a training run's output folder
+    for wrong, message in ((run_folder, f"it holds a training run: pass {run_folder / 'adapter'}"),
+                           (tmp_path / "missing", "adapter_config.json not found")):
+        logs = []
+        with pytest.raises(FileNotFoundError, match=re.escape(message)):
+            run_comparison(_cfg(setup, tmp_path / "out", adapter=[str(adapters["plain"]), str(wrong)]),
+                           log=logs.append)
+        assert logs == [] and not (tmp_path / "out").exists()  # nothing evaluated, not even the baseline
 
 
 def test_predict_refuses_an_adapter_for_another_base_in_one_line(setup, tmp_path, capsys):
