@@ -32,8 +32,10 @@ HUB_FILE_PATTERNS = [
     "chat_template.jinja",
     "chat_template.json",
 ]
-# multimodal Gemma 3 checkpoints keep the text decoder under another prefix: the one rename we do
-TEXT_DECODER_PREFIXES = ("language_model.model.", "model.language_model.")
+# multimodal Gemma 3 checkpoints keep the text decoder (and an untied head) under other prefixes: the
+# one rename we do
+TEXT_DECODER_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                         "language_model.lm_head.": "lm_head."}
 # ... and the image side, which the text decoder does not use: left unread
 IMAGE_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
@@ -170,9 +172,9 @@ class TensorSource:
 
 
 def _strip_prefix(key: str) -> str:
-    for prefix in TEXT_DECODER_PREFIXES:
+    for prefix, replacement in TEXT_DECODER_PREFIXES.items():
         if key.startswith(prefix):
-            return "model." + key[len(prefix) :]
+            return replacement + key[len(prefix) :]
     return key
 
 

@@ -15,6 +15,14 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' Gemma3TextConfig defaults (those of Gemma 3 4B), which a config.json may leave out
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+}
+WRAPPER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
 
 
 class ConfigError(ValueError):
@@ -89,8 +97,14 @@ class ModelConfig:
         """Translate a Hugging Face config dict; raise ConfigError on anything not implemented."""
         model_type = raw.get("model_type")
         if model_type == "gemma3":  # multimodal wrapper: we train the text decoder only
-            raw = {**raw.get("text_config", {}), "model_type": "gemma3_text"}
+            # the wrapper's token ids and tying hold for its text model where text_config is silent
+            inherited = {key: raw[key] for key in WRAPPER_FIELDS if raw.get(key) is not None}
+            raw = {**inherited, **(raw.get("text_config") or {}), "model_type": "gemma3_text"}
             model_type = "gemma3_text"
+        if model_type == "gemma3_text":
+            # files written by transformers 4.50 (Gemma 3 4B and up) leave out the fields that equal
+            # Gemma3TextConfig's defaults: the heads, the vocabulary, head_dim
+            raw = {**GEMMA3_TEXT_DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{source}: model_type {model_type!r} is not supported; supported: "
@@ -116,6 +130,17 @@ class _Reader:
         if self.raw.get(key) is None:
             raise ConfigError(f"{self.source}: required field {key!r} is missing")
         return self.raw[key]
+
+    def number(self, kind: type, key: str, default: Any = None) -> Any:
+        """int / float of a field (required when default is None), or a ConfigError naming it."""
+        value = self.require(key) if default is None else self.get(key, default)
+        try:
+            if isinstance(value, bool) or kind is int and float(value) != int(float(value)):
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.source}: field {key!r} is {value!r}, expected "
+                              f"{'an integer' if kind is int else 'a number'}") from None
 
     def refuse_unless(self, key: str, allowed: tuple, why: str) -> None:
         value = self.raw.get(key)
@@ -150,16 +175,20 @@ def _rope_from_dict(params: dict[str, Any] | None, theta: float, source: str, ma
 
 def _shared_fields(r: _Reader, max_positions: int, tied: bool) -> dict[str, Any]:
     """Fields both families spell the same way; the arguments are the family's defaults."""
-    heads = int(r.require("num_attention_heads"))
+    heads = r.number(int, "num_attention_heads")
+    kv_heads = r.number(int, "num_key_value_heads", heads)
+    if kv_heads < 1 or heads % kv_heads:
+        raise ConfigError(f"{r.source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                          f"{kv_heads} (each key / value head serves a whole group of query heads)")
     return dict(
-        vocab_size=int(r.require("vocab_size")),
-        hidden_size=int(r.require("hidden_size")),
-        intermediate_size=int(r.require("intermediate_size")),
-        num_layers=int(r.require("num_hidden_layers")),
+        vocab_size=r.number(int, "vocab_size"),
+        hidden_size=r.number(int, "hidden_size"),
+        intermediate_size=r.number(int, "intermediate_size"),
+        num_layers=r.number(int, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=int(r.get("num_key_value_heads", heads)),
-        rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(r.get("max_position_embeddings", max_positions)),
+        num_kv_heads=kv_heads,
+        rms_norm_eps=r.number(float, "rms_norm_eps", 1e-6),
+        max_position_embeddings=r.number(int, "max_position_embeddings", max_positions),
         tie_word_embeddings=bool(r.get("tie_word_embeddings", tied)),
         attention_bias=bool(r.get("attention_bias", False)),
         bos_token_id=r.raw.get("bos_token_id"),
@@ -178,7 +207,7 @@ def _llama_config(r: _Reader) -> ModelConfig:
     return ModelConfig(
         model_type="llama",
         **shared,
-        head_dim=int(r.get("head_dim", shared["hidden_size"] // shared["num_heads"])),
+        head_dim=r.number(int, "head_dim", shared["hidden_size"] // shared["num_heads"]),
         mlp_activation="silu",
         rope_global=rope,
         rope_local=rope,
@@ -195,7 +224,7 @@ def _gemma3_layer_types(r: _Reader, layers: int) -> tuple[str, ...]:
                 f"{r.source}: layer_types must list {layers} entries of 'sliding_attention' / 'full_attention'"
             )
         return types
-    pattern = int(r.get("sliding_window_pattern", r.get("_sliding_window_pattern", 6)))
+    pattern = r.number(int, "sliding_window_pattern", r.get("_sliding_window_pattern", 6))
     # every pattern-th layer is global: layers 5, 11, ... for the default pattern of 6
     return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers))
 
@@ -205,7 +234,7 @@ def _gemma3_config(r: _Reader) -> ModelConfig:
     if r.raw.get("use_bidirectional_attention"):
         raise ConfigError(f"{r.source}: use_bidirectional_attention=true is not implemented (causal decoders only)")
     shared = _shared_fields(r, max_positions=131072, tied=True)
-    head_dim = int(r.get("head_dim", 256))
+    head_dim = r.number(int, "head_dim", 256)
     params, legacy = r.raw.get("rope_parameters"), r.raw.get("rope_scaling")
     max_positions = shared["max_position_embeddings"]
     if params and "full_attention" in params:  # transformers 5 layout: one dict per layer type
@@ -215,7 +244,7 @@ def _gemma3_config(r: _Reader) -> ModelConfig:
         rope_local = _rope_from_dict(params.get("sliding_attention"), 10_000.0, r.source, max_positions)
     else:  # checkpoint layout: rope_theta (+ rope_scaling) global, rope_local_base_freq local, unscaled
         rope_global = _rope_from_dict(legacy or params, r.get("rope_theta", 1_000_000.0), r.source, max_positions)
-        rope_local = RopeConfig(theta=float(r.get("rope_local_base_freq", 10_000.0)))
+        rope_local = RopeConfig(theta=r.number(float, "rope_local_base_freq", 10_000.0))
     return ModelConfig(
         model_type="gemma3_text",
         **shared,
@@ -224,8 +253,8 @@ def _gemma3_config(r: _Reader) -> ModelConfig:
         rope_global=rope_global,
         rope_local=rope_local,
         layer_types=_gemma3_layer_types(r, shared["num_layers"]),
-        sliding_window=int(r.get("sliding_window", 4096)),
-        attention_scale=float(r.get("query_pre_attn_scalar", 256)) ** -0.5,  # transformers' default, not head_dim
+        sliding_window=r.number(int, "sliding_window", 4096),
+        attention_scale=r.number(float, "query_pre_attn_scalar", 256) ** -0.5,  # transformers' default, not head_dim
         norm_unit_offset=True,
         embed_scale=math.sqrt(shared["hidden_size"]),
         qk_norm=True,

@@ -1,5 +1,6 @@
 """Loading checkpoints: local folders (single and sharded), the Hub cache offline, and clear errors."""
 
+import copy
 import json
 import shutil
 
@@ -175,17 +176,54 @@ def test_a_partly_cached_hub_id_is_completed_from_the_hub_or_named_offline(llama
     assert load_model("tiny-org/tiny-llama").config.num_layers == 3
 
 
-def test_a_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):
-    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: the text decoder under another prefix, plus a
-    vision tower and projector that text fine-tuning does not read."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path, tied):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: the text decoder under another prefix (an
+    untied head too), plus a vision tower and projector that text fine-tuning does not read."""
     from tests.tiny import save_tiny_multimodal_gemma
 
-    reference = save_tiny_multimodal_gemma(tmp_path)
+    reference = save_tiny_multimodal_gemma(tmp_path, tie_word_embeddings=tied)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
         got = load_model(tmp_path).model(ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_sparse_gemma3_config_reads_as_transformers_reads_it():
+    """transformers 4.50 wrote Gemma 3 4B's config.json with only the fields that differ from
+    Gemma3TextConfig's defaults (this is that file's text part), and the wrapper's eos ids."""
+    from transformers import AutoConfig
+
+    from minilora.config import ModelConfig
+
+    raw = {"model_type": "gemma3", "eos_token_id": [1, 106],
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024}}
+    reference = AutoConfig.for_model(**copy.deepcopy(raw)).text_config
+    ours = ModelConfig.from_hf_dict(raw)
+    for field, theirs in (("vocab_size", "vocab_size"), ("num_heads", "num_attention_heads"),
+                          ("num_kv_heads", "num_key_value_heads"), ("head_dim", "head_dim"),
+                          ("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                          ("sliding_window", "sliding_window"), ("layer_types", "layer_types")):
+        assert getattr(ours, field) == (tuple(getattr(reference, theirs)) if field == "layer_types"
+                                        else getattr(reference, theirs)), field
+    assert ours.attention_scale == reference.query_pre_attn_scalar ** -0.5 and ours.eos_token_ids == (1, 106)
+    assert (ours.rope_global.rope_type, ours.rope_global.factor) == ("linear", 8.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_attention_heads", "four", "field 'num_attention_heads' is 'four', expected an integer"),
+    ("rms_norm_eps", [1e-6], r"field 'rms_norm_eps' is \[1e-06\], expected a number"),
+    ("num_key_value_heads", 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+])
+def test_a_config_field_of_the_wrong_kind_is_named(field, value, message):
+    from minilora.config import ModelConfig
+
+    raw = {**tiny_llama_config(num_attention_heads=4, num_key_value_heads=2).to_dict(), field: value}
+    with pytest.raises(ConfigError, match=f"the/config.json: {message}"):
+        ModelConfig.from_hf_dict(raw, source="the/config.json")
 
 
 def test_unknown_model_name_is_a_clear_error():

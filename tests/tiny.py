@@ -124,15 +124,17 @@ def ragged_batch(lengths: list[int], side: str, gen: torch.Generator) -> tuple[t
     return ids, mask
 
 
-def save_tiny_multimodal_gemma(folder):
+def save_tiny_multimodal_gemma(folder, tie_word_embeddings: bool = True):
     """A Gemma3ForConditionalGeneration checkpoint (text decoder + a one-layer SigLIP tower), as Gemma 3 4B+
     ship; returns the transformers model."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=tiny_gemma_config().to_dict(), vision_config=vision.to_dict(),
-                          mm_tokens_per_image=4, image_token_index=150, boi_token_index=151, eoi_token_index=152)
+    text = tiny_gemma_config(tie_word_embeddings=tie_word_embeddings).to_dict()
+    config = Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=150, boi_token_index=151, eoi_token_index=152,
+                          tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config).eval()
     randomize_(model)
