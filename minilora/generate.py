@@ -36,6 +36,9 @@ def generate(
     the whole sequence is recomputed each step (the reference the cached path is tested against)."""
     if not prompts:
         return []
+    empty = [i for i, prompt in enumerate(prompts) if len(prompt) == 0]
+    if empty:  # its first token would be predicted from padding alone
+        raise ValueError(f"prompts {empty} are empty: each needs at least one token (e.g. BOS)")
     device = next(model.parameters()).device
     model.eval()
     ids, mask = _pad_left(prompts, pad_id, device)

@@ -155,3 +155,9 @@ def test_generate_decodes_long_enough_for_the_longest_label(tiny, monkeypatch):
     assert asked == [8] and result.predicted == ["w1 w2 w3 w4 w5"] * 2
     assert predict(model, PromptFormatter(tok), TEXTS[:1], "generate", merged=False).predicted == ["invalid"]
     assert asked[-1] == 4  # one-token labels: as before
+
+
+def test_generate_refuses_an_empty_prompt(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"prompts \[1\] are empty: each needs at least one token"):
+        generate(model, [[5, 6, 7], []], 3, {2}, 0)
