@@ -18,6 +18,7 @@ from .device import cpu_has_fast_int8, pick_device, pick_dtype
 from .evaluate import INT8_CALIBRATION_ROWS, evaluate, predict
 from .finetune import build_model, make_formatter, note_label_set, opt, subset_rows
 from .lora import lora_modules, merge_adapters, remove_adapters
+from .prompts import load_template
 from .quant import dequantize_nf4
 from .report import atomic_write, comparison_table
 
@@ -57,6 +58,9 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
         raise ValueError("nothing to evaluate: give --adapter DIR and/or keep --baseline")
     if cfg.int8 and cfg.check_merge:  # in int8 both passes would run the same merged int8 weights
         raise ValueError("--check-merge compares the adapters as trained with their merge; run it without --int8")
+    if cfg.limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0: all rows), found {cfg.limit}")
+    load_template(cfg.prompt_template)  # a bad template file is found before the model loads
     for adapter_dir in cfg.adapter:  # every folder before anything is evaluated
         check_adapter_folder(adapter_dir, config_check=base_model_check(cfg.model))
     device = pick_device(cfg.device)

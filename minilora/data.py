@@ -219,6 +219,8 @@ def _table_record(
     if not isinstance(text, str) or not text.strip():
         rows.bad_rows.append(f"{where}: field 'text' is empty or missing (found {text!r})")
         return
+    if isinstance(raw_label, int) and not isinstance(raw_label, bool):
+        raw_label = str(raw_label)  # JSON's 0 / 1 / 2, as the same labels read from a CSV
     if not isinstance(raw_label, str):
         rows.bad_rows.append(f"{where}: field 'label' is missing or not a string (found {raw_label!r})")
         return

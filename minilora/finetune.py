@@ -177,6 +177,9 @@ def check_output_dir(cfg: RunConfig) -> Path:
     saved = out / "run_config.json"
     if out.exists() and not out.is_dir():
         raise RunError(f"--output-dir {out} is a file, not a folder")
+    blocking = next((parent for parent in out.absolute().parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise RunError(f"--output-dir {out} cannot be made: {blocking} is a file")
     if cfg.resume:
         if not saved.is_file():
             raise RunError(f"--resume: {out} holds no run (run_config.json missing)")
@@ -251,6 +254,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Train an adapter as configured and evaluate it on the test split; returns the test metrics."""
     check_settings(cfg)
     check_output_dir(cfg)
+    load_template(cfg.prompt_template)  # a bad template file is found before the model loads
     device = pick_device(cfg.device)
     dtype = pick_dtype(device, cfg.dtype)
     log("config: " + json.dumps(asdict(cfg)))

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
-    sentences = args.sentences or [line.strip() for line in sys.stdin if line.strip()]
+    # stdin: one sentence per non-blank line; a UTF-8 BOM (Windows editors write one) is not text
+    sentences = args.sentences or [line.lstrip("\ufeff").strip() for line in sys.stdin if line.lstrip("\ufeff").strip()]
     if not sentences:
         print("error: no sentences given (arguments or stdin)", file=sys.stderr)
         return 2

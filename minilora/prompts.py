@@ -32,7 +32,10 @@ def load_template(path: str | Path | None) -> str:
     """The default instruction, or a user template file that must contain exactly one {text} slot."""
     if path is None:
         return DEFAULT_TEMPLATE
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptError(f"--prompt-template {path}: cannot be read as UTF-8 text ({err})") from None
     if text.count("{text}") != 1:
         raise PromptError(f"{path}: a prompt template needs exactly one {{text}} slot, found {text.count('{text}')}")
     return text

@@ -261,6 +261,16 @@ def test_jsonl_texts_keep_the_line_separators_json_leaves_unescaped(tmp_path):
     assert [e.text for e in read_table(path).examples] == texts
 
 
+def test_jsonl_integer_labels_read_as_the_same_labels_in_a_csv(tmp_path):
+    jsonl, table = tmp_path / "d.jsonl", tmp_path / "d.csv"
+    jsonl.write_text('{"text": "up .", "label": 2}\n{"text": "flat .", "label": 0}\n{"text": "x .", "label": true}\n')
+    table.write_text("text,label\nup .,2\nflat .,0\n")
+    assert read_table(jsonl, labels=("0", "1", "2"), skip_bad_rows=True).examples == \
+        read_table(table, labels=("0", "1", "2")).examples == [Example("up .", "2"), Example("flat .", "0")]
+    with pytest.raises(DataError, match=r"d\.jsonl:3: field 'label' is missing or not a string \(found True\)"):
+        read_table(jsonl, labels=("0", "1", "2"))
+
+
 def test_the_name_kept_for_unparsed_answers_cannot_be_a_label(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\nok .,valid\nno .,invalid\n")

@@ -250,6 +250,24 @@ def test_a_label_set_of_two_is_evaluated_over_those_two(setup, tmp_path):
         run_comparison(_cfg(setup, tmp_path / "out", data=str(data), labels="positive"), **QUIET)
 
 
+def test_a_negative_limit_is_refused(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"--limit must be >= 0 \(0: all rows\), found -5"):
+        run_comparison(_cfg(setup, tmp_path / "out", limit=-5), **QUIET)
+
+
+def test_predict_reads_stdin_without_its_byte_order_mark(setup, capsys, monkeypatch):
+    import io
+
+    from minilora.predict import main
+
+    folder, _, adapters, _ = setup
+    assert main(["--model", str(folder), "w1 w2"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffw1 w2\r\n\n"))
+    assert main(["--model", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out) == expected  # the same text, so the same probabilities
+
+
 def test_predict_cli_prints_label_and_probabilities(setup, capsys):
     from minilora.predict import main
 

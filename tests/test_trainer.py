@@ -235,6 +235,26 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tiny_dir, tiny_csv, tmp_pat
     assert data.is_file() and template.is_file() and (out / "adapter").is_dir()
 
 
+def test_bad_paths_are_refused_naming_the_flag_before_the_model_loads(tiny_dir, tiny_csv, tmp_path, monkeypatch):
+    import importlib
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad path was found")
+
+    monkeypatch.setattr(importlib.import_module("minilora.finetune"), "build_model", no_model)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\u00e9 [{text}] =".encode("latin-1"))
+    (tmp_path / "a_file").write_text("")
+    for settings, message in (
+        (dict(prompt_template=str(tmp_path / "missing.txt")), "--prompt-template .*missing.txt: cannot be read"),
+        (dict(prompt_template=str(latin1)), "--prompt-template .*latin1.txt: cannot be read as UTF-8"),
+        (dict(output_dir=str(tmp_path / "a_file" / "run")), "--output-dir .* cannot be made: .*a_file is a file"),
+    ):
+        out = settings.pop("output_dir", tmp_path / "run")
+        with pytest.raises(ValueError, match=message):
+            run(_cfg(tiny_dir, tiny_csv, out, **settings), log=lambda line: None)
+
+
 def test_resume_before_the_first_checkpoint_starts_over_with_a_fresh_log(tiny_dir, tiny_csv, tmp_path):
     settings = dict(save_every=0, eval_every=0)  # the only checkpoint is the last step's
     run(_cfg(tiny_dir, tiny_csv, tmp_path / "full", **settings), log=lambda line: None)
