@@ -164,6 +164,8 @@ _UNSUPPORTED_OFF = {
     "arrow_config": None,
     "kasa_config": None,
     "monteclora_config": None,
+    # LoftQ adapters pair with the base weights LoftQ rewrote, not with the original checkpoint
+    "loftq_config": {},
 }
 
 
@@ -280,9 +282,14 @@ def load_adapter(
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
+        # peft adds the full weight of an adapted head / embedding (save_embedding_layers), as it would a resized one
+        full_layers = [key for key in unexpected if key.endswith(("base_layer.weight", "embed_tokens.weight"))]
+        hint = (f"; {full_layers[0]} is a full weight, which peft saves when an adapter targets the head or the "
+                "embeddings: if the base's own weight is unchanged (no resized vocabulary), save the adapter with "
+                "save_embedding_layers=False" if full_layers else "")
         raise ValueError(
             f"{weights_path}: adapter keys do not match the model "
-            f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+            f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}){hint}"
         )
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:

@@ -188,7 +188,8 @@ def check_output_dir(cfg: RunConfig) -> Path:
         except json.JSONDecodeError as err:
             raise RunError(f"--resume: {saved} is not valid JSON ({err})") from None
         # the folder is the run whatever path reaches it; paths that name the same file are the same setting
-        ignore = {"resume", "overwrite", "eval_baseline", "device", "output_dir"}
+        # the final evaluation's settings do not touch the training: they may change on a resume
+        ignore = {"resume", "overwrite", "eval_baseline", "eval_limit", "eval_method", "device", "output_dir"}
         changed = {k: (previous[k], v) for k, v in asdict(cfg).items()
                    if k not in ignore and k in previous and not _same_setting(previous[k], v)}
         if changed:
@@ -278,9 +279,12 @@ def run(cfg: RunConfig, log=print) -> dict:
         f"prompt format: {'chat template' if formatter.chat else 'plain'}")
 
     train_examples = [formatter.tokenize(ex.text, ex.label) for ex in splits.train]
-    longest = max(len(e.prompt_ids) + len(e.answer_ids) for e in train_examples)
-    if longest > cfg.max_seq_len:
-        raise RunError(f"the longest training example has {longest} tokens but --max-seq-len is {cfg.max_seq_len}")
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in train_examples]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > cfg.max_seq_len:
+        over = sum(length > cfg.max_seq_len for length in lengths)
+        raise RunError(f"{over} training example(s) are longer than --max-seq-len {cfg.max_seq_len}; the longest has "
+                       f"{lengths[longest]} tokens: {splits.train[longest].text[:80]!r}")
 
     find_targets(model, cfg.lora_config())  # the targets exist
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)  # may refuse the split

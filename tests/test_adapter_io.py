@@ -132,6 +132,9 @@ def test_load_errors_are_specific(tmp_path):
     config_path.write_text(json.dumps({**config, "alora_invocation_tokens": [7, 8]}))
     with pytest.raises(ValueError, match=r"alora_invocation_tokens=\[7, 8\] is not supported"):
         load_adapter(source, tmp_path / "a")
+    config_path.write_text(json.dumps({**config, "init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}))
+    with pytest.raises(ValueError, match=r"loftq_config=\{'loftq_bits': 4\} is not supported"):
+        load_adapter(source, tmp_path / "a")
     config_path.write_text(json.dumps({**config, "use_bdlora": False, "alora_invocation_tokens": None}))
     read_adapter_config(tmp_path / "a")  # the fields as peft writes them when they are off
     config_path.write_text(json.dumps({**config, "target_modules": None}))
@@ -216,3 +219,27 @@ def test_a_cut_export_leaves_no_partial_file_and_no_new_config(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         export_merged(model, tmp_path / "src", tmp_path / "out", dtype=torch.float32)
     assert list((tmp_path / "out").iterdir()) == []  # no .tmp, and no config.json without its weights
+
+
+def test_a_peft_adapter_on_the_head_loads_once_saved_without_the_full_head(tmp_path):
+    """peft adds lm_head's full weight to the file of an adapter that targets it; minilora names that
+    weight and how to leave it out, and the LoRA pair alone loads with peft's logits."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from tests.tiny import twin
+
+    hf = hf_model(tiny_llama_config())
+    ours = twin(hf)
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "with_head")
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight is a full weight.*save_embedding_layers=False"):
+        load_adapter(ours, tmp_path / "with_head")
+    peft_model.save_pretrained(tmp_path / "pairs_only", save_embedding_layers=False)
+    load_adapter(ours, tmp_path / "pairs_only")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, peft_model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -255,6 +255,22 @@ def test_bad_paths_are_refused_naming_the_flag_before_the_model_loads(tiny_dir, 
             run(_cfg(tiny_dir, tiny_csv, out, **settings), log=lambda line: None)
 
 
+def test_a_resume_may_change_how_the_final_evaluation_runs(tiny_dir, tiny_csv, tmp_path):
+    settings = dict(max_steps=2, eval_every=0, save_every=1)
+
+    def crash_at_step_2(line):
+        if line.startswith("step 2/2"):
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", **settings), log=crash_at_step_2)
+    metrics = run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", resume=True, eval_limit=5, eval_method="generate",
+                       **settings), log=lambda line: None)
+    assert metrics["n"] == 5 and "n_invalid" in metrics
+    with pytest.raises(RunError, match="settings differ from the run .*lr was 0.0002, now 0.001"):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", resume=True, lr=1e-3, **settings), log=lambda line: None)
+
+
 def test_resume_before_the_first_checkpoint_starts_over_with_a_fresh_log(tiny_dir, tiny_csv, tmp_path):
     settings = dict(save_every=0, eval_every=0)  # the only checkpoint is the last step's
     run(_cfg(tiny_dir, tiny_csv, tmp_path / "full", **settings), log=lambda line: None)
@@ -443,8 +459,11 @@ def test_resume_with_different_settings_is_refused(tiny_dir, tiny_csv, tmp_path)
 
 
 def test_max_seq_len_shorter_than_prompt_is_refused(tiny_dir, tiny_csv, tmp_path):
-    with pytest.raises(RunError, match="--max-seq-len is 8"):
+    """Refused before anything is written, with how many rows are over and the longest one shown."""
+    with pytest.raises(RunError, match=r"24 training example\(s\) are longer than --max-seq-len 8; the longest has "
+                                       r"\d+ tokens: 'w\d+ w"):
         run(_cfg(tiny_dir, tiny_csv, tmp_path / "run", max_seq_len=8), log=lambda line: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_validation_row_longer_than_max_seq_len_does_not_stop_the_run(tiny_dir, tmp_path):
