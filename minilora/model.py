@@ -72,6 +72,18 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.devi
     return inv_freq
 
 
+def _settle_first_transcendental_call() -> None:
+    """In about one process in four (torch 2.13, CPU), the process's first cos / sin rounds some elements
+    differently from every later call. RoPE's tables are the first such call of a run, so a run would not
+    repeat bit for bit in another process (a resume included). One call on a throwaway tensor first
+    settles it (benchmarks/NOTES.md, round 19)."""
+    for dtype in (torch.float32, torch.float64):
+        torch.zeros(64, dtype=dtype).cos_().sin_()
+
+
+_settle_first_transcendental_call()
+
+
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos / sin of shape (*positions.shape, 1, head_dim) in the rotate-half layout of HF checkpoints:
     one row per token, broadcast over the heads of a (..., heads, head_dim) query or key."""
