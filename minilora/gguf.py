@@ -400,7 +400,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     config = hf_config(meta, [t.name for t in reader.tensors])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out_dir)
+    remove_abandoned(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(hf_state_dict(reader, config), tmp / "model.safetensors", metadata={"format": "pt"})
@@ -426,15 +426,16 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-ABANDONED_AFTER_S = 3600  # a conversion takes about a minute: an older temporary folder is a killed one's
+ABANDONED_AFTER_S = 3600  # a conversion or an assembly takes about a minute: an older temporary is a killed one's
 
 
-def _remove_abandoned(out_dir: Path) -> None:
-    """Temporary folders of conversions killed before their cleanup ran (SIGKILL, OOM): Gemma's is ~1 GB."""
-    for folder in out_dir.parent.glob(f".{out_dir.name}.*"):
+def remove_abandoned(target: Path) -> None:
+    """Temporaries `.<target name>.*` of writes killed before their cleanup ran (SIGKILL, OOM): a
+    conversion's folder (Gemma's is ~1 GB) or an assembled GGUF's partial file (up to 253 MB)."""
+    for leftover in target.parent.glob(f".{target.name}.*"):
         try:
-            if folder.is_dir() and time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S:
-                shutil.rmtree(folder, ignore_errors=True)
+            if time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         except OSError:  # removed meanwhile by another process
             pass
 

@@ -18,7 +18,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .gguf import convert_gguf
+from .gguf import convert_gguf, remove_abandoned
 
 # short name -> (pip package, description)
 PACKAGED_MODELS = {
@@ -80,6 +80,7 @@ def _assembled(chunked) -> Path:
         except FileExistsError:  # cut short by an earlier run: assemble it again
             pass
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(target)  # the partial file of an assembly that was killed
     partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         chunked.assemble(partial, overwrite=True)

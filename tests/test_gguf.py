@@ -183,6 +183,9 @@ def test_a_killed_conversions_temporary_folder_is_removed_by_the_next_one(tmp_pa
 
 def test_a_partly_assembled_gguf_is_assembled_again(tmp_path, monkeypatch):
     """gemma3-270m's assemble() writes the target in place; one interrupted run used to block every later one."""
+    import os
+    import time
+
     monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
     whole = b"GGUF" + bytes(range(256)) * 64
 
@@ -202,9 +205,15 @@ def test_a_partly_assembled_gguf_is_assembled_again(tmp_path, monkeypatch):
     partial = tmp_path / "gguf" / "model.gguf"
     partial.parent.mkdir()
     partial.write_bytes(whole[:100])  # what an interrupted assembly leaves
+    killed, running = partial.with_name(".model.gguf.111.tmp"), partial.with_name(".model.gguf.222.tmp")
+    for leftover in (killed, running):  # a SIGKILL skips the cleanup of the temporary file
+        leftover.write_bytes(whole[:50])
+    hours_ago = time.time() - 2 * mgguf.ABANDONED_AFTER_S
+    os.utime(killed, (hours_ago, hours_ago))
     assert packaged._assembled(Chunks) == partial and partial.read_bytes() == whole
     assert packaged._assembled(Chunks) == partial  # and then reused as it is
-    assert [p.name for p in partial.parent.iterdir()] == ["model.gguf"]
+    # the killed one's partial file is gone; a recent one may be another process's, still assembling
+    assert sorted(p.name for p in partial.parent.iterdir()) == [".model.gguf.222.tmp", "model.gguf"]
 
 
 def test_not_a_short_name():
