@@ -80,6 +80,8 @@ def _check_convertible(meta: dict, reader: GGUFReader, path: Path) -> None:
     required = [f"{arch}.{key}" for key in ("embedding_length", "feed_forward_length", "block_count",
                                             "attention.head_count", "attention.layer_norm_rms_epsilon",
                                             "context_length")] + ["tokenizer.ggml.tokens", "tokenizer.ggml.model"]
+    if arch == "gemma3":  # its local layers' window: no default worth guessing
+        required.append("gemma3.attention.sliding_window")
     missing = [key for key in required if key not in meta]
     if missing:
         raise ValueError(f"{path}: metadata lacks {', '.join(missing)}")

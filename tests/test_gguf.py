@@ -135,6 +135,29 @@ def test_a_gguf_that_cannot_be_converted_is_named_before_any_work(tmp_path, dama
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
 
 
+def test_a_gemma3_gguf_without_its_sliding_window_is_named_before_any_work(tmp_path):
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>", "\u2581a"])
+    writer.add_tensor("token_embd.weight", np.zeros((5, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"tiny.gguf: metadata lacks gemma3.attention.sliding_window"):
+        mgguf.convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("add_eos", [False, True])
 def test_converted_tokenizer_adds_what_the_gguf_says_as_transformers_does(tmp_path, add_eos):
     from transformers import AutoTokenizer
