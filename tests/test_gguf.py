@@ -56,17 +56,23 @@ def test_merges_from_vocab_matches_transformers():
     assert mgguf._merges_from_vocab(vocab, rank) == generate_merges(vocab, rank)
 
 
-def test_unsupported_architecture_is_a_clear_error(tmp_path):
+def _metadata_gguf(path, arch, write_metadata):
+    """A GGUF of one zero tensor with what write_metadata(writer) adds: enough for the checks that run
+    before any work."""
     import gguf
 
-    path = tmp_path / "tiny-gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_block_count(1)
+    writer = gguf.GGUFWriter(str(path), arch)
+    write_metadata(writer)
     writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    path = _metadata_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2", lambda writer: writer.add_block_count(1))
     with pytest.raises(ValueError, match=r"'gpt2'.*gemma3, llama"):
         mgguf.convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -136,23 +142,17 @@ def test_a_gguf_that_cannot_be_converted_is_named_before_any_work(tmp_path, dama
 
 
 def test_a_gemma3_gguf_without_its_sliding_window_is_named_before_any_work(tmp_path):
-    import gguf
+    def everything_but_the_window(writer):
+        writer.add_context_length(256)
+        writer.add_embedding_length(64)
+        writer.add_block_count(1)
+        writer.add_feed_forward_length(96)
+        writer.add_head_count(4)
+        writer.add_layer_norm_rms_eps(1e-6)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>", "\u2581a"])
 
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(96)
-    writer.add_head_count(4)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>", "\u2581a"])
-    writer.add_tensor("token_embd.weight", np.zeros((5, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = _metadata_gguf(tmp_path / "tiny.gguf", "gemma3", everything_but_the_window)
     with pytest.raises(ValueError, match=r"tiny.gguf: metadata lacks gemma3.attention.sliding_window"):
         mgguf.convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
