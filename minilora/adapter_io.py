@@ -239,15 +239,17 @@ def base_model_check(expected_model: str) -> Callable[[dict], None]:
     return check
 
 
-def check_adapter_folder(adapter_dir: str | os.PathLike, config_check: Callable[[dict], None] | None = None) -> None:
+def check_adapter_folder(adapter_dir: str | os.PathLike,
+                         config_check: Callable[[dict], None] | None = None) -> tuple[LoraConfig, dict]:
     """What load_adapter checks before it needs the model: the config, `config_check` on it, and that the
-    weights file is there. For commands that load several adapters, so that the last one's mistake is
-    found before the first is evaluated."""
-    _, raw = read_adapter_config(adapter_dir)
+    weights file is there; returns read_adapter_config's (LoraConfig, raw dict). Commands that load
+    several adapters call it first, so that the last one's mistake is found before the first is evaluated."""
+    config, raw = read_adapter_config(adapter_dir)
     if config_check is not None:
         config_check(raw)
     if not (Path(adapter_dir) / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{Path(adapter_dir) / WEIGHTS_NAME}: adapter weights not found")
+    return config, raw
 
 
 def load_adapter(
@@ -263,9 +265,7 @@ def load_adapter(
     Returns the wrapped module names.
     """
     adapter_dir = Path(adapter_dir)
-    config, raw = read_adapter_config(adapter_dir)
-    if config_check is not None:
-        config_check(raw)
+    config, _ = check_adapter_folder(adapter_dir, config_check)
     weights_path = adapter_dir / WEIGHTS_NAME
     tensors = {_module_key(k): v for k, v in _read_tensors(weights_path).items()}
 

@@ -15,12 +15,11 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# transformers' Gemma3TextConfig defaults (those of Gemma 3 4B), which a config.json may leave out
+# transformers' Gemma3TextConfig defaults (those of Gemma 3 4B) that a config.json may leave out and that
+# the readers below have no Gemma default for (head_dim, the window, the scalar... are defaulted there)
 GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
-    "sliding_window": 4096, "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
 }
 WRAPPER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
 
