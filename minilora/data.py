@@ -350,14 +350,19 @@ def deduplicate(rows: Rows) -> tuple[Rows, int, list[str]]:
     return out, n_duplicates, conflicts
 
 
-def check_disjoint(splits: dict[str, list[Example]]) -> None:
-    """Raise if any text is in two splits (a test sentence must never be trained on)."""
-    seen: dict[str, str] = {}
+def check_disjoint(splits: dict[str, list[Example]], origins: dict[str, list[str]] | None = None) -> None:
+    """Raise if any text is in two splits (a test sentence must never be trained on).
+
+    `origins` ("file:line" of each example, per split) lets the message point at both rows.
+    """
+    seen: dict[str, tuple[str, str]] = {}
     for name, examples in splits.items():
-        for example in examples:
-            other = seen.setdefault(example.text, name)
+        where = (origins or {}).get(name) or [""] * len(examples)
+        for example, origin in zip(examples, where):
+            other, other_origin = seen.setdefault(example.text, (name, origin))
             if other != name:
-                raise DataError(f"text is in both {other!r} and {name!r} (leak): {example.text[:80]!r}")
+                rows = f" ({other_origin} and {origin})" if origin and other_origin else ""
+                raise DataError(f"text is in both {other!r} and {name!r} (leak){rows}: {example.text[:80]!r}")
 
 
 def _by_class(examples: list[Example], labels: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -444,6 +449,8 @@ def split_standard(
 
 def _given_splits(rows: Rows) -> tuple[list[Example], list[Example], list[Example]]:
     parts = {name: [e for e, s in zip(rows.examples, rows.splits) if s == name] for name in SPLIT_NAMES}
+    origins = {name: [o for o, s in zip(rows.origins, rows.splits) if s == name] for name in SPLIT_NAMES}
+    check_disjoint(parts, origins)  # the only path where a leak can come from the file itself: name its rows
     return parts["train"], parts["validation"], parts["test"]
 
 

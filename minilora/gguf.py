@@ -88,6 +88,10 @@ def _check_convertible(meta: dict, reader: GGUFReader, path: Path) -> None:
     # gguf keeps its dequantizers in a private table; without it, dequantize() names the type itself
     dequantizable = getattr(gguf_quants, "_type_traits", None)
     for tensor in reader.tensors:
+        try:
+            hf_name(tensor.name, arch)  # e.g. Llama 3.1's rope_freqs.weight: no HF tensor to hold it
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
         kind = tensor.tensor_type
         if dequantizable is not None and kind not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) \
                 and kind not in dequantizable:

@@ -4,7 +4,7 @@
     cat sentences.txt | python -m minilora.predict --model gemma-3-270m --adapter runs/finetune/adapter
 
 Prints one JSON line per sentence: the label and each label's probability (the label-sequence
-probabilities renormalised over the label set).
+probabilities renormalised over the label set). A blank input line gets a line with label null.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
-    # stdin: one sentence per non-blank line; a UTF-8 BOM (Windows editors write one) is not text
-    sentences = args.sentences or [line.lstrip("\ufeff").strip() for line in sys.stdin if line.lstrip("\ufeff").strip()]
+    # stdin: one sentence per line; a UTF-8 BOM (Windows editors write one) is not text
+    lines = args.sentences or [line.lstrip("\ufeff").strip() for line in sys.stdin]
+    # a blank line still gets its output line (label null), so output line i answers input line i
+    sentences = [line.strip() for line in lines if line.strip()]
     if not sentences:
         print("error: no sentences given (arguments or stdin)", file=sys.stderr)
         return 2
@@ -53,10 +55,14 @@ def main(argv=None) -> int:
     except (ValueError, OSError, RuntimeError, ImportError) as err:  # as train.py / eval.py: one line
         print(f"error: {err}", file=sys.stderr)
         return 2
-    probabilities = torch.softmax(logprobs, dim=1)
-    for sentence, probs in zip(sentences, probabilities.tolist()):
+    scored = iter(torch.softmax(logprobs, dim=1).tolist())
+    for line in lines:
+        if not line.strip():
+            print(json.dumps({"text": line, "label": None, "probabilities": None}))
+            continue
+        probs = next(scored)
         best = max(range(len(labels)), key=lambda i: probs[i])
-        print(json.dumps({"text": sentence, "label": labels[best],
+        print(json.dumps({"text": line.strip(), "label": labels[best],
                           "probabilities": {label: round(p, 4) for label, p in zip(labels, probs)}}))
     return 0
 

@@ -294,9 +294,9 @@ def test_given_split_column_used_and_leak_rejected(tmp_path):
     assert splits.info.protocol == "given"
     assert [e.text for e in splits.test] == ["c ."] and len(splits.train) == 2 and len(splits.validation) == 1
     leak = tmp_path / "leak.csv"
-    leak.write_text("text,label,split\na .,positive,train\na .,positive,test\n")
-    with pytest.raises(DataError, match="in both 'train' and 'test'"):
-        load_dataset(leak)
+    leak.write_text("text,label,split\na .,positive,train\nb .,negative,test\na .,positive,test\n")
+    with pytest.raises(DataError, match=r"in both 'train' and 'test' \(leak\) \(\S*leak\.csv:2 and \S*leak\.csv:4\)"):
+        load_dataset(leak)  # both rows named, so the user can find them
     odd = tmp_path / "odd.csv"
     odd.write_text("text,label,split\na .,positive,dev\n")
     with pytest.raises(DataError, match=r"odd\.csv:2: field 'split' is 'dev'"):

@@ -263,9 +263,11 @@ def test_predict_reads_stdin_without_its_byte_order_mark(setup, capsys, monkeypa
     folder, _, adapters, _ = setup
     assert main(["--model", str(folder), "w1 w2"]) == 0
     expected = json.loads(capsys.readouterr().out)
-    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffw1 w2\r\n\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffw1 w2\r\n\nw1 w2\n"))
     assert main(["--model", str(folder)]) == 0
-    assert json.loads(capsys.readouterr().out) == expected  # the same text, so the same probabilities
+    first, blank, third = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert first == expected == third  # the same text, so the same probabilities
+    assert blank == {"text": "", "label": None, "probabilities": None}  # output line i answers input line i
 
 
 def test_predict_cli_prints_label_and_probabilities(setup, capsys):

@@ -78,7 +78,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _tiny_llama_gguf(path, drop_key=None, tensor_types=None, add_eos=False):
+def _tiny_llama_gguf(path, drop_key=None, tensor_types=None, add_eos=False, extra_tensor=None):
     """A one-layer llama GGUF from a tiny transformers model (byte-level vocabulary), written the way
     llama.cpp writes one: q / k permuted, F32 unless `tensor_types` names another type for a tensor."""
     import gguf
@@ -120,6 +120,8 @@ def _tiny_llama_gguf(path, drop_key=None, tensor_types=None, add_eos=False):
             value = llama_cpp_permute(value, heads if "attn_q" in name else kv)
         array = value.numpy().astype(np.float32)
         writer.add_tensor(name, array.astype(np.float64) if (tensor_types or {}).get(name) == "F64" else array)
+    if extra_tensor:
+        writer.add_tensor(extra_tensor, np.ones(8, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -131,6 +133,8 @@ def _tiny_llama_gguf(path, drop_key=None, tensor_types=None, add_eos=False):
     (dict(drop_key="feed_forward_length"), r"metadata lacks llama.feed_forward_length"),
     (dict(tensor_types={"blk.0.ffn_up.weight": "F64"}), r"tensor blk.0.ffn_up.weight has type F64"),
     ("truncated", r"cannot read it as GGUF .* truncated or corrupt"),
+    # Llama 3.1+ files carry RoPE's frequency factors as a tensor (was refused midway, unnamed)
+    (dict(extra_tensor="rope_freqs.weight"), r"GGUF tensor 'rope_freqs.weight' has no Hugging Face name"),
 ])
 def test_a_gguf_that_cannot_be_converted_is_named_before_any_work(tmp_path, damage, message):
     path = _tiny_llama_gguf(tmp_path / "tiny.gguf", **(damage if isinstance(damage, dict) else {}))
