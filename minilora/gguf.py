@@ -416,20 +416,40 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         _write_json(tmp / "generation_config.json", generation_config(meta, config))
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes the folder private to its creator
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if (out_dir / "config.json").is_file():  # another process converted it meanwhile: keep that one
+        if is_converted(out_dir):  # another process converted it meanwhile: keep that one
             shutil.rmtree(tmp)
             return out_dir
         shutil.rmtree(out_dir, ignore_errors=True)  # an incomplete folder (not written by this code)
         try:
             tmp.rename(out_dir)
         except OSError:
-            if not (out_dir / "config.json").is_file():  # not a race lost to a complete conversion
+            if not is_converted(out_dir):  # not a race lost to a complete conversion
                 raise
             shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "generation_config.json")
+
+
+def is_converted(out_dir: Path) -> bool:
+    """Whether out_dir holds a whole conversion: every file, and the weights as long as their header
+    says. A conversion is renamed in whole, so a gap means an outside cause (a cleanup, a full disk)."""
+    if not all((out_dir / name).is_file() for name in CONVERTED_FILES):
+        return False
+    weights = out_dir / "model.safetensors"
+    try:
+        with weights.open("rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return weights.stat().st_size == 8 + header_size + end
 
 
 ABANDONED_AFTER_S = 3600  # a conversion or an assembly takes about a minute: an older temporary is a killed one's

