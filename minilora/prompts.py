@@ -38,7 +38,9 @@ def load_template(path: str | Path | None) -> str:
         raise PromptError(f"--prompt-template {path}: cannot be read as UTF-8 text ({err})") from None
     if text.count("{text}") != 1:
         raise PromptError(f"{path}: a prompt template needs exactly one {{text}} slot, found {text.count('{text}')}")
-    return text
+    # the answer follows after one space (plain) or the turn header (chat): an editor's final newline
+    # or a trailing space would put other text before it than the same template typed inline
+    return text.rstrip()
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,7 @@ class PromptFormatter:
             raise PromptError(f"{tokenizer.folder}: chat formatting asked for, but the checkpoint has no chat template")
         self.tokenizer, self.template, self.chat, self.labels = tokenizer, template, chat, tuple(labels)
         self.stop_id = tokenizer.end_of_turn_id() if chat else tokenizer.eos_id
-        # label tokens as they follow the prompt: ' positive' after '=', 'positive' after the turn header
-        self.label_ids = {
-            label: tokenizer.encode(label if chat else " " + label, add_special_tokens=False) for label in self.labels
-        }
+        self.label_ids = {label: self._label_tokens(label) for label in self.labels}
         for label, ids in self.label_ids.items():
             if not ids:
                 raise PromptError(f"label {label!r} tokenizes to no tokens")
@@ -76,6 +75,27 @@ class PromptFormatter:
             other = seen.setdefault(tuple(ids), label)
             if other != label:  # scores could not tell them apart
                 raise PromptError(f"labels {other!r} and {label!r} tokenize to the same tokens {ids}")
+
+    @property
+    def scored_ids(self) -> dict[str, list[int]]:
+        """The tokens `score` sums log-probabilities over: each label's, and the stop token too when one
+        label's tokens begin another's ("buy" in "buy-more"): log p("buy") is at least log p("buy-more"),
+        so without the stop the longer label could never win."""
+        ids = self.label_ids.values()
+        if any(len(a) < len(b) and b[: len(a)] == a for a in ids for b in ids):
+            return {label: tokens + [self.stop_id] for label, tokens in self.label_ids.items()}
+        return self.label_ids
+
+    def _label_tokens(self, label: str) -> list[int]:
+        """The label's tokens as they follow the prompt: ' positive' after '=', 'positive' after the turn
+        header. Tokenized after a sample prompt and cut off from it, because a tokenizer that prepends '▁'
+        to every text it encodes (Llama 2's) would give ['▁▁', 'positive'] for ' positive' alone."""
+        answer = label if self.chat else " " + label
+        prompt = self.tokenizer.encode(self.prompt_text("x"), add_special_tokens=False)
+        together = self.tokenizer.encode(self.prompt_text("x") + answer, add_special_tokens=False)
+        if together[: len(prompt)] == prompt and len(together) > len(prompt):
+            return together[len(prompt):]
+        return self.tokenizer.encode(answer, add_special_tokens=False)  # merged across the boundary: alone
 
     def prompt_text(self, text: str) -> str:
         if "\n" in text or "\r" in text:  # the template promises one line of text before the answer

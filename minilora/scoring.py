@@ -38,11 +38,12 @@ def label_logprobs(
     share_prefix: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """(N, n_labels) natural-log probability of each label's tokens (without the stop token)."""
+    """(N, n_labels) natural-log probability of each label's tokens, summed over its tokens; with the stop
+    token too when one label's tokens begin another's (`PromptFormatter.scored_ids`)."""
     device = device or next(model.parameters()).device
     model.eval()
     prompts = [formatter.prompt_ids(t) for t in texts]
-    label_ids = [formatter.label_ids[label] for label in formatter.labels]
+    label_ids = [formatter.scored_ids[label] for label in formatter.labels]
     prefix_len = shared_prompt_prefix(prompts) if share_prefix else 0
     prefix_cache = None
     if prefix_len > 0:

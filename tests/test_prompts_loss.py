@@ -145,3 +145,40 @@ def test_newline_ids_are_the_tokens_holding_a_newline(tiny):
     newline = tok.backend.token_to_id("\n")
     assert tok.newline_ids == {newline}
     assert tok.newline_ids is tok.newline_ids  # scanned once per tokenizer
+
+
+def _legacy_sentencepiece_folder(folder):
+    """A tokenizer.json laid out as Llama 2's / TinyLlama's: the normalizer prepends '▁' to every text it
+    encodes and turns spaces into '▁'. Its pieces make ' positive' alone come out as ['▁▁', 'positive']."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers
+
+    pieces = ["<unk>", "<s>", "</s>"] + [c for c in "abcdefghijklmnopqrstuvwxyz=[]."] + ["▁"]
+    vocab = [(p, -3.0) for p in pieces] + [("▁▁", -1.0), ("positive", -1.0), ("▁positive", -1.5),
+                                            ("negative", -1.0), ("▁negative", -1.5)]
+    tok = HFTokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return Tokenizer(folder)
+
+
+def test_label_tokens_are_those_that_follow_the_prompt_in_one_encoding(tmp_path):
+    tok = _legacy_sentencepiece_folder(tmp_path)
+    assert [tok.token(i) for i in tok.encode(" positive", add_special_tokens=False)] == ["▁▁", "positive"]
+    fmt = PromptFormatter(tok, template="[{text}] =", labels=("positive", "negative"))
+    prompt = fmt.prompt_ids("ab")
+    for label in fmt.labels:
+        together = tok.encode(fmt.prompt_text("ab") + " " + label, add_special_tokens=False)
+        assert together[: len(prompt)] == prompt and fmt.label_ids[label] == together[len(prompt):]
+        assert [tok.token(i) for i in fmt.label_ids[label]] == [f"▁{label}"]  # was ['▁▁', label]
+
+
+def test_a_template_files_trailing_newline_and_spaces_are_dropped(tmp_path):
+    """An editor's final newline put '\\n' between '=' and the answer: not the prompt typed inline."""
+    from minilora.prompts import load_template
+
+    path = tmp_path / "template.txt"
+    path.write_text("Sentiment of [{text}] =  \n")
+    assert load_template(path) == "Sentiment of [{text}] ="

@@ -37,6 +37,7 @@ def naive_logprob(model, prompt, label_tokens):
 LABEL_SETS = {
     "mixed lengths": {"positive": [5], "neutral": [6, 7], "negative": [8, 9, 10]},  # 1, 2 and 3 tokens
     "single tokens": {"positive": [5], "neutral": [6], "negative": [8]},  # no continuation pass
+    "one begins another": {"positive": [5], "neutral": [5, 7], "negative": [8]},  # scored with the stop token
 }
 
 
@@ -49,10 +50,20 @@ def test_scores_equal_naive_sum_of_token_logprobs(tiny, share_prefix, labels, he
     fmt = PromptFormatter(tok)
     fmt.label_ids = LABEL_SETS[labels]
     scores = label_logprobs(model, fmt, TEXTS, batch_size=2, share_prefix=share_prefix)
+    stop = [fmt.stop_id] if labels == "one begins another" else []
     for i, text in enumerate(TEXTS):
         for j, label in enumerate(fmt.labels):
-            expected = naive_logprob(model, fmt.prompt_ids(text), fmt.label_ids[label])
+            expected = naive_logprob(model, fmt.prompt_ids(text), fmt.label_ids[label] + stop)
             assert abs(scores[i, j].item() - expected) < 1e-4
+
+
+def test_a_label_that_begins_another_can_win():
+    """log p("1") >= log p("1", "0"): scored without the stop token, "10" could never be predicted."""
+    fmt = PromptFormatter.__new__(PromptFormatter)
+    fmt.stop_id, fmt.label_ids = 2, {"1": [33], "10": [33, 32], "2": [34]}
+    assert fmt.scored_ids == {"1": [33, 2], "10": [33, 32, 2], "2": [34, 2]}
+    fmt.label_ids = {"1": [33], "2": [34, 35]}
+    assert fmt.scored_ids == fmt.label_ids  # no label begins another: the stop token's head rows are saved
 
 
 def test_scores_of_a_bf16_model_equal_its_naive_sum(tiny):
