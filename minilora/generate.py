@@ -77,11 +77,13 @@ def generate(
 
 
 def parse_label(text: str, labels: tuple[str, ...], invalid: str = "invalid") -> str:
-    """The label a generation starts with, as a whole word (case-insensitive, after spaces and opening
-    quotes or brackets), else `invalid`. Labels may hold digits, '_' or '-' ("1", "strong-buy")."""
-    head = re.sub(r"^\s*[\"'\[(]*", "", text).lower()
+    """The label a generation starts with, as a whole word (case-insensitive, after spaces, opening
+    quotes or brackets, and markdown's * / `), else `invalid`. Labels may hold digits, '_' or '-' ("1",
+    "strong-buy"); a number goes on only as punctuation ("1." is 1, "1.5" is not)."""
+    head = re.sub(r"^[\s\"'\[(*`\u201c\u2018\u00ab]*", "", text).lower()
     for label in sorted(labels, key=len, reverse=True):  # "buy" must not win over "buy-more"
         rest = head[len(label):]
-        if head.startswith(label.lower()) and not (rest[:1].isalnum() or rest[:1] == "_"):
+        decimal = rest[:1] in (".", ",") and rest[1:2].isdigit()
+        if head.startswith(label.lower()) and not (rest[:1].isalnum() or rest[:1] == "_" or decimal):
             return label
     return invalid

@@ -37,8 +37,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
-    # stdin: one sentence per line; a UTF-8 BOM (Windows editors write one) is not text
-    lines = args.sentences or [line.lstrip("\ufeff").strip() for line in sys.stdin]
+    try:
+        lines = [_valid_text(text, f"argument {i}") for i, text in enumerate(args.sentences, 1)] or _stdin_lines()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # a blank line still gets its output line (label null), so output line i answers input line i
     sentences = [line.strip() for line in lines if line.strip()]
     if not sentences:
@@ -58,13 +61,42 @@ def main(argv=None) -> int:
     scored = iter(torch.softmax(logprobs, dim=1).tolist())
     for line in lines:
         if not line.strip():
-            print(json.dumps({"text": line, "label": None, "probabilities": None}))
+            print(json.dumps({"text": "", "label": None, "probabilities": None}))
             continue
         probs = next(scored)
         best = max(range(len(labels)), key=lambda i: probs[i])
         print(json.dumps({"text": line.strip(), "label": labels[best],
                           "probabilities": {label: round(p, 4) for label, p in zip(labels, probs)}}))
     return 0
+
+
+def _stdin_lines() -> list[str]:
+    """stdin's lines as UTF-8 whatever the locale (whose decoding could pass bad bytes on as surrogates, which
+    the tokenizer refuses with a traceback); a UTF-8 BOM, which Windows editors write, is not text."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream with no bytes underneath (embedding, tests)
+        lines = sys.stdin.read().split("\n")
+    else:
+        lines = []
+        for number, raw in enumerate(stream.read().split(b"\n"), start=1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"stdin line {number} is not UTF-8 (byte {raw[err.start:err.start + 1]!r} at "
+                                 f"column {err.start + 1}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    if lines and not lines[-1]:  # the newline that ends the last line starts no line
+        lines.pop()
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")
+    return [_valid_text(line, f"stdin line {i}") for i, line in enumerate(lines, 1)]
+
+
+def _valid_text(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a surrogate: bytes the locale could not decode, passed through
+        raise ValueError(f"{where} is not valid UTF-8 text (at column {err.start + 1})") from None
+    return text
 
 
 if __name__ == "__main__":

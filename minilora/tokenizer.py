@@ -34,6 +34,23 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+def _generation_tag():
+    """transformers' `{% generation %} ... {% endgeneration %}` (it marks the assistant's tokens for TRL's
+    assistant-only loss): rendered as its body, as transformers does when no token mask is asked for."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return GenerationTag
+
+
 class Tokenizer:
     """Encode / decode text and render chat prompts for one checkpoint folder."""
 
@@ -77,15 +94,16 @@ class Tokenizer:
         return int(fallback_id) if fallback_id is not None else None
 
     def _find_chat_template(self, config: dict[str, Any]) -> str | None:
+        # transformers' order: a chat_template.jinja file wins over tokenizer_config.json's entry
+        jinja_file = self.folder / "chat_template.jinja"
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8")
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {entry.get("name"): entry.get("template") for entry in template}
             template = named.get("default") or next(iter(named.values()), None)
         if template:
             return template
-        jinja_file = self.folder / "chat_template.jinja"
-        if jinja_file.is_file():
-            return jinja_file.read_text(encoding="utf-8")
         return _read_json(self.folder / "chat_template.json").get("chat_template")
 
     # --- text <-> ids ----------------------------------------------------------------------------
@@ -112,7 +130,9 @@ class Tokenizer:
         """Tokens whose text holds a newline (SentencePiece '\\n', byte-level 'Ċ', byte fallback
         <0x0A>): generation stops at them. One scan of the vocabulary per tokenizer."""
         vocab = self.backend.get_vocab(with_added_tokens=True)
-        return frozenset(i for token, i in vocab.items() if "\n" in token or "Ċ" in token or token == "<0x0A>")
+        candidates = [i for token, i in vocab.items() if "\n" in token or "Ċ" in token or token == "<0x0A>"]
+        # 'Ċ' is a newline only in byte-level vocabularies; in Gemma's it is the letter itself
+        return frozenset(i for i in candidates if "\n" in self.backend.decode([i], skip_special_tokens=False))
 
     # --- chat ------------------------------------------------------------------------------------
 
@@ -134,7 +154,7 @@ class Tokenizer:
 
         # the environment transformers gives templates: loop controls ({% break %}), the same helpers
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=["jinja2.ext.loopcontrols", _generation_tag()])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -143,11 +163,13 @@ class Tokenizer:
             "bos_token": self.token(self.bos_id) if self.bos_id is not None else "",
             "eos_token": self.token(self.eos_id),
         }
-        try:
+        try:  # tools / documents: None, as transformers passes them when there are none
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **specials
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **specials
             )
-        except TemplateError as err:
+        except TokenizerError:  # the template's own raise_exception
+            raise
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as err:  # a template's bug: one line
             raise TokenizerError(f"chat template of {self.folder}: {err.__class__.__name__}: {err}") from err
 
     def end_of_turn_id(self) -> int:

@@ -259,6 +259,11 @@ def test_chat_template_renders_and_finds_end_of_turn(tmp_path):
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
     "<{{ m['role'] }}> {{ m['content'] }} <eot> {{ pad_token }}{% if loop.index > 5 %}{% break %}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}",
+    # TRL's assistant-mask markers, and a template that tests tools / documents (None when there are none)
+    "{% if tools is not none %}Tools: {% for t in tools %}{{ t }}{% endfor %}{% endif %}"
+    "{% if documents is not none %}Docs: {{ documents | tojson }}{% endif %}{% for m in messages %}"
+    "<{{ m['role'] }}> {% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }} <eot>{% endgeneration %}"
+    "{% else %}{{ m['content'] }} <eot>{% endif %} {% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}",
 ])
 def test_chat_templates_render_as_transformers_renders_them(tmp_path, template):
     from transformers import PreTrainedTokenizerFast
@@ -273,8 +278,42 @@ def test_chat_templates_render_as_transformers_renders_them(tmp_path, template):
     assert ours.end_of_turn_id() == 3
 
 
+def test_a_chat_template_jinja_file_wins_over_the_config_entry_as_in_transformers(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    write_tiny_tokenizer(tmp_path, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eot> "
+                                                  "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
+    messages = [{"role": "user", "content": "w9"}]
+    expected = PreTrainedTokenizerFast.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False,
+                                                                                     add_generation_prompt=True)
+    assert Tokenizer(tmp_path).apply_chat_template(messages) == expected == "<user> w9 <eot> <assistant> "
+
+
+def test_newline_ids_hold_byte_levels_newline_but_not_the_letter_of_another_vocabulary(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+    def newline_ids(byte_level: bool) -> set[str]:
+        tok = HFTokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1, "Ċ": 2, "a\n": 3, "a": 4}, unk_token="<unk>"))
+        if byte_level:
+            tok.decoder = decoders.ByteLevel()
+        tok.save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+        ours = Tokenizer(tmp_path)
+        return {ours.token(i) for i in ours.newline_ids}
+
+    assert newline_ids(byte_level=True) == {"Ċ", "a\n"}  # 'Ċ' is byte-level's newline
+    assert newline_ids(byte_level=False) == {"a\n"}  # Gemma's 'Ċ' is a letter: generation must not stop at it
+
+
 def test_a_broken_chat_template_is_a_tokenizer_error_naming_the_folder(tmp_path):
     from minilora.tokenizer import TokenizerError
+
+    write_tiny_tokenizer(tmp_path, chat_template="{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}")
+    with pytest.raises(TokenizerError, match=f"chat template of {tmp_path}: TypeError"):  # was a bare TypeError
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "w9"}])
 
     write_tiny_tokenizer(tmp_path, chat_template="{% for m in messages %}{{ m['content'] }}")  # no endfor
     with pytest.raises(TokenizerError, match=f"chat template of {tmp_path}: TemplateSyntaxError"):

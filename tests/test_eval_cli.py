@@ -270,6 +270,23 @@ def test_predict_reads_stdin_without_its_byte_order_mark(setup, capsys, monkeypa
     assert blank == {"text": "", "label": None, "probabilities": None}  # output line i answers input line i
 
 
+def test_predict_names_a_stdin_line_that_is_not_utf8_before_loading_anything(setup, capsys, monkeypatch):
+    """FinancialPhraseBank's own files are latin-1: piped in, they were a tokenizer traceback and no output."""
+    import io
+
+    from minilora.predict import main
+
+    folder, _, _, _ = setup
+    stdin = io.TextIOWrapper(io.BytesIO("w1 w2\n".encode() + "w3 caf\u00e9\n".encode("latin-1")), encoding="ascii",
+                             errors="surrogateescape")  # as a C locale reads it
+    monkeypatch.setattr("sys.stdin", stdin)
+    monkeypatch.setattr("minilora.finetune.build_model", lambda *a: pytest.fail("loaded the model first"))
+    assert main(["--model", str(folder)]) == 2
+    assert "stdin line 2 is not UTF-8 (byte b'\\xe9' at column 7); convert it first" in capsys.readouterr().err
+    assert main(["--model", str(folder), "w1 \udce9"]) == 2  # an argument the locale could not decode
+    assert "argument 1 is not valid UTF-8 text (at column 4)" in capsys.readouterr().err
+
+
 def test_predict_cli_prints_label_and_probabilities(setup, capsys):
     from minilora.predict import main
 

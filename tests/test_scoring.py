@@ -144,6 +144,9 @@ def test_parse_label():
     assert parse_label(" 2 (medium)", ("1", "2", "3")) == "2" and parse_label("12", ("1", "2")) == "invalid"
     assert parse_label("strong-buy!", ("buy", "strong-buy")) == "strong-buy"
     assert parse_label("Very_Bad", ("very_bad", "ok")) == "very_bad"
+    # markdown and typographic quotes, as chat models write them
+    assert [parse_label(t, labels) for t in ("**Positive**", "`neutral`", "\u201cnegative\u201d")] == list(labels)
+    assert parse_label("1.5", ("1", "2")) == "invalid" and parse_label("1. Because", ("1", "2")) == "1"
 
 
 def test_generate_decodes_long_enough_for_the_longest_label(tiny, monkeypatch):
