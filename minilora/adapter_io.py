@@ -6,6 +6,11 @@ An adapter folder is what `peft.PeftModel.save_pretrained` writes, so either sid
     adapter_model.safetensors  base_model.model.<module path>.lora_A.weight      (r, in)
                                base_model.model.<module path>.lora_B.weight      (out, r)
                                base_model.model.<module path>.lora_magnitude_vector  (out,)  DoRA only
+                               base_model.model.<module path>.<parameter>    any other registered variant's
+
+A registered variant other than lora / dora (minilora.lora.ADAPTER_VARIANTS) is named by the extra field
+`minilora_variant`; peft cannot load such a folder as what it is. For a multimodal Gemma 3 checkpoint the
+module paths are the wrapper's (`model.language_model.layers...`), as peft names them.
 
 `export_merged` writes a plain transformers folder (config, tokenizer, model.safetensors) with the
 adapters folded in and NF4 weights dequantized first, for vLLM / llama.cpp / transformers.
@@ -16,7 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,10 +33,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .adapter_config import CONFIG_NAME, VARIANT_FIELD, read_adapter_config
+from .checkpoint import IMAGE_PREFIXES, TEXT_DECODER_PREFIXES
 from .lora import (
-    DoRALinear,
+    ADAPTER_VARIANTS,
     LoRALinear,
     LoraConfig,
+    adapter_named_parameters,
+    adapter_state_dict,
     base_weight,
     find_targets,
     inject_adapters,
@@ -37,7 +49,6 @@ from .lora import (
 )
 from .quant import NF4Linear
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft's key prefix: PeftModel.base_model (LoraModel).model
 # files a merged export copies from the source checkpoint when present
@@ -87,7 +98,8 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
             f"save_adapter: all adapters must share r, alpha, rsLoRA, variant and dropout; found {settings}"
         )
     r, alpha, use_rslora, cls, dropout = settings.pop()
-    return {
+    variant = _registered_name(cls)
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -96,7 +108,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "lora_dropout": dropout,
         "target_modules": _target_modules(model),
         "use_rslora": use_rslora,
-        "use_dora": issubclass(cls, DoRALinear),
+        "use_dora": variant == "dora",
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -110,15 +122,88 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "exclude_modules": None,
         "revision": None,
     }
+    if variant not in ("lora", "dora"):
+        # peft cannot express a variant of minilora's own (it warns that this field is unknown, skips the extra
+        # keys and loads plain LoRA); minilora's load_adapter builds the registered class again from this name
+        config[VARIANT_FIELD] = variant
+    return config
 
 
-def _target_modules(model: nn.Module) -> list[str]:
+def _registered_name(cls: type) -> str:
+    """The ADAPTER_VARIANTS key of an adapter class: what load_adapter needs to build it again."""
+    names = [name for name, registered in ADAPTER_VARIANTS.items() if registered is cls]
+    if not names:
+        raise ValueError(
+            f"save_adapter: adapter class {cls.__name__} is not in minilora.lora.ADAPTER_VARIANTS "
+            f"(registered: {sorted(ADAPTER_VARIANTS)}); register it, ADAPTER_VARIANTS['<name>'] = {cls.__name__}, "
+            "so that load_adapter can build it again"
+        )
+    return names[0]
+
+
+def _target_modules(model: nn.Module) -> list[str] | str:
     """The wrapped names' suffixes (["down_proj", "q_proj", ...]) when they match nothing else; else the
-    full names, so that a loader (ours or peft's suffix match) wraps exactly the trained layers again."""
+    full names, so that a loader (ours or peft's suffix match) wraps exactly the trained layers again.
+    For a multimodal checkpoint, a regex over its language model's names (see _language_model_regex)."""
     wrapped = [name for name, _ in lora_modules(model)]
     suffixes = {name.split(".")[-1] for name in wrapped}
     unwrapped = linear_module_names(model)  # linear layers without an adapter
-    return sorted(suffixes) if not any(name.split(".")[-1] in suffixes for name in unwrapped) else sorted(wrapped)
+    by_suffix = not any(name.split(".")[-1] in suffixes for name in unwrapped)
+    if _is_multimodal(model):
+        return _language_model_regex(wrapped, by_suffix)
+    return sorted(suffixes) if by_suffix else sorted(wrapped)
+
+
+# ------------------------------------------------------------------- multimodal checkpoints' names
+# A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, as 4B+ ship) is built here as its text
+# decoder alone, under our names; peft on transformers 5 names that decoder `model.language_model.` (the head
+# is `lm_head`), transformers < 4.52 `language_model.model.` (head `language_model.lm_head`). Files are written
+# in the first layout and read in both.
+MULTIMODAL_LAYOUT = {"model.": "model.language_model."}  # our prefix -> the wrapper's, as written
+LEGACY_MULTIMODAL_LAYOUT = {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+
+
+def _is_multimodal(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "multimodal_wrapper", False))
+
+
+def _rename(name: str, prefixes: dict[str, str]) -> str:
+    """`name` with its first matching prefix replaced (compared with a trailing dot, so `lm_head` matches)."""
+    dotted = name + "."
+    for old, new in prefixes.items():
+        if dotted.startswith(old):
+            return (new + dotted[len(old):])[:-1]
+    return name
+
+
+def _language_model_regex(wrapped: list[str], by_suffix: bool) -> str:
+    """target_modules for a multimodal checkpoint: a suffix list would also wrap the vision tower's q_proj ...
+    in peft, so a regex (peft full-matches a string) over the wrapped layers' names in the wrapper."""
+    decoder = sorted(name for name in wrapped if name.startswith("model."))
+    others = sorted(name for name in wrapped if not name.startswith("model."))  # lm_head
+    if by_suffix and decoder:
+        suffixes = sorted({name.split(".")[-1] for name in decoder})
+        parts = [re.escape(MULTIMODAL_LAYOUT["model."]) + r".*\.(" + "|".join(suffixes) + ")"]
+    else:
+        parts = [re.escape(_rename(name, MULTIMODAL_LAYOUT)) for name in decoder]
+    return "|".join(parts + [re.escape(_rename(name, MULTIMODAL_LAYOUT)) for name in others])
+
+
+def _from_multimodal_layout(tensors: dict[str, Tensor], path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A multimodal checkpoint's adapter tensors under our names, and the layout their keys were in (to match
+    target_modules against). Adapters on the vision tower / projector are left out: a text-only forward
+    never runs them, so that is exact. Any other key is kept, to be refused if it is not expected."""
+    legacy = any(key.startswith("language_model.") for key in tensors)
+    ours: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(IMAGE_PREFIXES):
+            continue
+        name = _rename(key, TEXT_DECODER_PREFIXES)
+        if name in ours:
+            raise ValueError(f"{path}: two keys name {name} (one of them {key}); expected one layout of the "
+                             "language model's names")
+        ours[name] = value
+    return ours, LEGACY_MULTIMODAL_LAYOUT if legacy else MULTIMODAL_LAYOUT
 
 
 def _dropout_p(module: LoRALinear) -> float:
@@ -130,84 +215,34 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = adapter_config_dict(model, base_model_name_or_path)
-    tensors = {}
     for name, module in lora_modules(model):
         if module.merged:
             raise RuntimeError(f"save_adapter: {name} is merged; unmerge_adapters(model) first")
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
-        if isinstance(module, DoRALinear):
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # every adapter parameter of every variant: lora_A.weight, lora_B.weight, DoRA's lora_magnitude_vector
+    # (peft's names), and whatever else a registered variant adds
+    layout = MULTIMODAL_LAYOUT if _is_multimodal(model) else {}
+    tensors = {f"{PREFIX}{_rename(key, layout)}": value.cpu().contiguous()
+               for key, value in adapter_state_dict(model).items()}
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(out / CONFIG_NAME, config)
     return out
 
 
-# peft options minilora does not implement, with the value that means "off"
-_UNSUPPORTED_OFF = {
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "modules_to_save": None,
-    "layers_to_transform": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "lora_bias": False,
-    "use_qalora": False,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "exclude_modules": None,
-    "layer_replication": None,
-    # peft variants whose forward is not plain LoRA / DoRA (aLoRA adapts only from its invocation tokens on)
-    "alora_invocation_tokens": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "monteclora_config": None,
-    # LoftQ adapters pair with the base weights LoftQ rewrote, not with the original checkpoint
-    "loftq_config": {},
-}
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict]:
-    """Parse and check an adapter_config.json (ours or peft's): (LoraConfig, the raw dict)."""
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        inner = Path(adapter_dir) / "adapter"
-        hint = (f"it holds a training run: pass {inner}" if (inner / CONFIG_NAME).is_file()
-                else f"is {adapter_dir} a peft / minilora adapter folder?")
-        raise FileNotFoundError(f"{path}: adapter_config.json not found ({hint})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object with peft's adapter fields, found {type(raw).__name__}")
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}; minilora loads only 'LORA' adapters")
-    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in raw]
-    if missing:
-        raise ValueError(f"{path}: required field(s) {missing} missing")
-    for key, off in _UNSUPPORTED_OFF.items():
-        value = raw.get(key, off)
-        if value != off and not (off in (None, False, {}) and value in (None, False, [], {})):
-            raise ValueError(f"{path}: {key}={value!r} is not supported by minilora (expected {off!r})")
-    targets = raw["target_modules"]
-    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
-        raise ValueError(f"{path}: target_modules={targets!r}; expected a list of module names or a regex string")
-    return LoraConfig(
-        r=raw["r"],
-        alpha=raw["lora_alpha"],
-        dropout=raw.get("lora_dropout", 0.0),
-        target_modules=raw["target_modules"],
-        use_rslora=raw.get("use_rslora", False),
-        variant="dora" if raw.get("use_dora", False) else "lora",
-    ), raw
+def _weights_file(adapter_dir: Path) -> Path:
+    """adapter_model.safetensors, or an error that says what the folder holds instead."""
+    path = adapter_dir / WEIGHTS_NAME
+    if path.is_file():
+        return path
+    if (adapter_dir / "adapter_model.bin").is_file():
+        raise FileNotFoundError(
+            f"{path}: not found; the folder holds adapter_model.bin (a pickle), which minilora does not read. "
+            "Load it with peft and save it again: PeftModel.from_pretrained(base, folder)"
+            ".save_pretrained(folder, safe_serialization=True)"
+        )
+    raise FileNotFoundError(f"{path}: adapter weights not found")
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: adapter weights not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -247,8 +282,7 @@ def check_adapter_folder(adapter_dir: str | os.PathLike,
     config, raw = read_adapter_config(adapter_dir)
     if config_check is not None:
         config_check(raw)
-    if not (Path(adapter_dir) / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{Path(adapter_dir) / WEIGHTS_NAME}: adapter weights not found")
+    _weights_file(Path(adapter_dir))
     return config, raw
 
 
@@ -266,19 +300,19 @@ def load_adapter(
     """
     adapter_dir = Path(adapter_dir)
     config, _ = check_adapter_folder(adapter_dir, config_check)
-    weights_path = adapter_dir / WEIGHTS_NAME
+    weights_path = _weights_file(adapter_dir)
     tensors = {_module_key(k): v for k, v in _read_tensors(weights_path).items()}
+    rename = None
+    if _is_multimodal(model):
+        tensors, layout = _from_multimodal_layout(tensors, weights_path)
+        rename = partial(_rename, prefixes=layout)  # target_modules name the wrapper's modules
 
-    # expected keys and shapes, from the model as it is now
-    targets = find_targets(model, config)
-    expected: dict[str, tuple[int, ...]] = {}
-    for name in targets:
-        layer = model.get_submodule(name)
-        out_f, in_f = layer.out_features, layer.in_features
-        expected[f"{name}.lora_A.weight"] = (config.r, in_f)
-        expected[f"{name}.lora_B.weight"] = (out_f, config.r)
-        if config.variant == "dora":
-            expected[f"{name}.lora_magnitude_vector"] = (out_f,)
+    # expected keys and shapes, from the model as it is now and the variant's class
+    try:
+        targets = find_targets(model, config, rename)
+    except ValueError as e:  # target_modules that match nothing here, or name a tied head
+        raise ValueError(f"{adapter_dir / CONFIG_NAME}: {e}") from None
+    expected = _expected_shapes(model, targets, config)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -298,15 +332,29 @@ def load_adapter(
                 "(was this adapter trained on a different base model?)"
             )
 
-    inject_adapters(model, config)
+    inject_adapters(model, replace(config, target_modules=targets))  # exactly the layers checked above
     with torch.no_grad():
-        for name in targets:
-            module = model.get_submodule(name)
-            module.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
-            module.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
-            if isinstance(module, DoRALinear):
-                module.lora_magnitude_vector.copy_(tensors[f"{name}.lora_magnitude_vector"])
+        for key, param in adapter_named_parameters(model):  # the keys checked above, one for one
+            param.copy_(tensors[key])
     return targets
+
+
+def _expected_shapes(model: nn.Module, targets: list[str], config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """{`<module>.<parameter>`: shape} of every adapter parameter `inject_adapters` will create, read off the
+    variant's own class: one throwaway module per distinct layer shape, built on the meta device (no memory)."""
+    cls = ADAPTER_VARIANTS[config.variant]
+    per_shape: dict[tuple[int, int, bool], dict[str, tuple[int, ...]]] = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        shape = (layer.in_features, layer.out_features, getattr(layer, "bias", None) is not None)
+        if shape not in per_shape:
+            with torch.device("meta"):
+                module = cls(nn.Linear(*shape), config.r, config.alpha, config.dropout, config.use_rslora)
+            per_shape[shape] = {pname: tuple(p.shape) for pname, p in sorted(module.named_parameters())
+                                if not pname.startswith("base_layer.")}  # sorted: lora_A, lora_B, the rest
+        expected.update({f"{name}.{pname}": pshape for pname, pshape in per_shape[shape].items()})
+    return expected
 
 
 # ------------------------------------------------------------------------------------- merged export

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     pad_token_id: int | None = None
+    # config.json was a multimodal wrapper's (Gemma3ForConditionalGeneration, model_type gemma3): only its text
+    # decoder is built, but peft names its modules as the wrapper does (adapter_io maps the names)
+    multimodal_wrapper: bool = False
 
     @property
     def is_gemma(self) -> bool:
@@ -95,7 +98,8 @@ class ModelConfig:
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Translate a Hugging Face config dict; raise ConfigError on anything not implemented."""
         model_type = raw.get("model_type")
-        if model_type == "gemma3":  # multimodal wrapper: we train the text decoder only
+        multimodal = model_type == "gemma3"
+        if multimodal:  # multimodal wrapper: we train the text decoder only
             # the wrapper's token ids and tying hold for its text model where text_config is silent
             inherited = {key: raw[key] for key in WRAPPER_FIELDS if raw.get(key) is not None}
             raw = {**inherited, **(raw.get("text_config") or {}), "model_type": "gemma3_text"}
@@ -110,9 +114,8 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (Gemma 3 text and Llama-family decoders)"
             )
         reader = _Reader(raw, source)
-        if model_type == "llama":
-            return _llama_config(reader)
-        return _gemma3_config(reader)
+        config = _llama_config(reader) if model_type == "llama" else _gemma3_config(reader)
+        return replace(config, multimodal_wrapper=multimodal)
 
 
 class _Reader:

@@ -66,7 +66,7 @@ class RunConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     max_seq_len: int = opt(512, "longest prompt + answer of a training row, in tokens: a guard, not a padding "
                                 "length (batches pad to their own longest row)")
-    adapter: str = opt("lora", "adapter variant", choices=["lora", "dora"])
+    adapter: str = opt("lora", "adapter variant: a key of minilora.lora.ADAPTER_VARIANTS (lora, dora, ...)")
     lora_r: int = opt(16, "adapter rank")
     lora_alpha: float = opt(32.0, "adapter scale numerator (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the adapter input")

@@ -21,7 +21,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,9 @@ class LoRALinear(nn.Module):
 
     A variant is one subclass: it overrides `adapter_output` (the term added to the base output) and
     `merged_weight` / `unmerged_weight` (the same map applied to the base weight), plus `__init__` for
-    any extra parameter (see `DoRALinear`).
+    any extra parameter (see `DoRALinear`), and one `ADAPTER_VARIANTS` entry. Every parameter outside
+    `base_layer` is trained, saved and loaded; load_adapter reads their shapes off one instance built on
+    the meta device, so `__init__` must not read a tensor's values (`.item()`, `.tolist()`).
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -293,18 +295,20 @@ def linear_module_names(model: nn.Module) -> list[str]:
     ]
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The module names `inject_adapters` would wrap, without touching the model."""
+def find_targets(model: nn.Module, config: LoraConfig, rename: Callable[[str], str] | None = None) -> list[str]:
+    """The module names `inject_adapters` would wrap, without touching the model. target_modules is matched
+    against `rename(name)` if given: the names the adapter's trainer saw (a multimodal checkpoint's)."""
     check_lora_config(config)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise RuntimeError("the model already has adapters; inject into a fresh model")
     available = linear_module_names(model)
-    targets = [name for name in available if _is_target(name, config.target_modules)]
+    matched = [rename(name) if rename else name for name in available]
+    targets = [name for name, seen in zip(available, matched) if _is_target(seen, config.target_modules)]
     if not targets:
-        shown = sorted({n.split(".")[-1] for n in available})
+        shown = sorted({n.split(".")[-1] for n in matched})
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no linear module. Linear module names "
-            f"(suffixes): {shown}; e.g. {available[:4]}"
+            f"(suffixes): {shown}; e.g. {matched[:4]}"
         )
     _refuse_tied_targets(model, targets)
     return targets
@@ -355,10 +359,12 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable adapter parameters (what the optimizer gets)."""
-    return [p for _, p in _adapter_named_parameters(model)]
+    return [p for _, p in adapter_named_parameters(model)]
 
 
-def _adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(`<module path>.<parameter>`, parameter) for every adapter parameter: all of a wrapped layer's but
+    base_layer's, so a variant's extra parameters are trained, saved and loaded with no further code."""
     for name, module in lora_modules(model):
         for pname, param in module.named_parameters():
             if not pname.startswith("base_layer."):
@@ -367,7 +373,7 @@ def _adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parame
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Adapter tensors by module path: `model.layers.0.self_attn.q_proj.lora_A.weight`, ..., detached."""
-    return {name: param.detach() for name, param in _adapter_named_parameters(model)}
+    return {name: param.detach() for name, param in adapter_named_parameters(model)}
 
 
 def merge_adapters(model: nn.Module) -> None:

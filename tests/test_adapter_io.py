@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from minilora.adapter_io import export_merged, load_adapter, read_adapter_config, save_adapter
-from minilora.lora import LoRALinear, LoraConfig, adapter_parameters, inject_adapters, merge_adapters
+from minilora.lora import (
+    ADAPTER_VARIANTS,
+    LoRALinear,
+    LoraConfig,
+    adapter_parameters,
+    inject_adapters,
+    merge_adapters,
+)
 from minilora.quant import dequantize_nf4, quantize_nf4
-from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config
+from tests.tiny import hf_model, tiny_gemma_config, tiny_llama_config, twin
 
 FAMILIES = {"llama": lambda: tiny_llama_config(num_hidden_layers=2), "gemma": lambda: tiny_gemma_config()}
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 17], [3, 4, 99, 12, 127, 8, 0, 64]])  # (B, T)
@@ -243,3 +250,236 @@ def test_a_peft_adapter_on_the_head_loads_once_saved_without_the_full_head(tmp_p
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids).logits, peft_model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_rewrote_the_base_is_refused_and_its_peft_conversion_loads(tmp_path, init):
+    """PiSSA / OLoRA (and CorDA, LoRA-GA) subtract B A from the base weights at init, so the saved pair fits
+    that residual base, not the checkpoint; peft's conversion to plain LoRA (rank 2r) fits the checkpoint."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_model = get_peft_model(hf_model(FAMILIES["llama"]()), PeftLoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    peft_model.peft_config["default"].init_lora_weights = True  # the initial adapter, as peft's docs save it
+    peft_model.save_pretrained(tmp_path / "initial")
+    peft_model.peft_config["default"].init_lora_weights = init
+    perturb_([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=3)  # "training"
+    peft_model.save_pretrained(tmp_path / "residual")
+    with pytest.raises(ValueError, match=rf"residual/adapter_config.json: init_lora_weights='{init}' is not "
+                                         r"supported.*path_initial_model_for_weight_conversion"):
+        load_adapter(hf_model(FAMILIES["llama"]()), tmp_path / "residual")
+
+    peft_model.save_pretrained(tmp_path / "converted",
+                               path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours = hf_model(FAMILIES["llama"]())  # the original checkpoint's weights
+    load_adapter(ours, tmp_path / "converted")
+    with torch.no_grad():  # peft's own model runs on the residual base: the same function
+        torch.testing.assert_close(logits(ours), peft_model.eval()(input_ids=IDS).logits, atol=1e-4, rtol=0)
+
+
+BAD_FIELDS = [
+    ({"r": "4"}, r"field 'r' is '4'; expected a positive integer"),
+    ({"r": 4.0}, r"field 'r' is 4.0; expected a positive integer"),
+    ({"r": 0}, r"field 'r' is 0; expected a positive integer"),
+    ({"r": True}, r"field 'r' is True; expected a positive integer"),
+    ({"lora_alpha": None}, r"field 'lora_alpha' is None; expected a number > 0"),
+    ({"lora_alpha": "8"}, r"field 'lora_alpha' is '8'; expected a number > 0"),
+    ({"lora_alpha": 0}, r"field 'lora_alpha' is 0; expected a number > 0"),
+    ({"lora_dropout": None}, r"field 'lora_dropout' is None; expected a number in \[0, 1\)"),
+    ({"lora_dropout": 1.0}, r"field 'lora_dropout' is 1.0; expected a number in \[0, 1\)"),
+    ({"use_dora": "false"}, r"field 'use_dora' is 'false'; expected true or false"),  # truthy: it made DoRA
+    ({"use_rslora": "true"}, r"field 'use_rslora' is 'true'; expected true or false"),
+    ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights='pissa_niter_4' is not supported"),
+    ({"init_lora_weights": "corda"}, r"init_lora_weights='corda' is not supported"),
+    ({"target_modules": []}, r"target_modules=\[\]; expected a list of module names"),
+    ({"target_modules": ["qkv"]}, r"target_modules=\['qkv'\] matched no linear module"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_FIELDS)
+def test_a_bad_config_field_is_named_with_its_file(tmp_path, change, message):
+    source = hf_model(tiny_llama_config(num_hidden_layers=1))
+    inject_adapters(source, LoraConfig(r=4, alpha=8))
+    save_adapter(source, tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'a' / 'adapter_config.json'}: {message}"):
+        load_adapter(hf_model(tiny_llama_config(num_hidden_layers=1)), tmp_path / "a")
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"use_rslora": None, "use_dora": None}, dict(use_rslora=False, variant="lora")),  # null is off, as in peft
+    ({"lora_dropout": 0}, dict(dropout=0)),
+    ({"lora_alpha": 16.5}, dict(alpha=16.5)),
+    ({"init_lora_weights": False}, {}),
+    ({"init_lora_weights": "gaussian"}, {}),
+    ({"init_lora_weights": "orthogonal"}, {}),
+    ({"init_lora_weights": "eva"}, {}),
+])
+def test_config_values_peft_writes_are_read(tmp_path, change, expected):
+    source = hf_model(tiny_llama_config(num_hidden_layers=1))
+    inject_adapters(source, LoraConfig(r=4, alpha=8))
+    save_adapter(source, tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    raw = {k: v for k, v in json.loads(config_path.read_text()).items() if k != "lora_dropout"}
+    config_path.write_text(json.dumps({**raw, **change}))
+    config, _ = read_adapter_config(tmp_path / "a")
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert config.dropout == change.get("lora_dropout", 0.0)  # absent is 0
+
+
+def test_a_pickled_peft_adapter_is_named_with_how_to_convert_it(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_model = get_peft_model(hf_model(FAMILIES["llama"]()), PeftLoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(FileNotFoundError, match=r"bin/adapter_model.safetensors: not found; the folder holds "
+                                                r"adapter_model.bin .* safe_serialization=True"):
+        load_adapter(hf_model(FAMILIES["llama"]()), tmp_path / "bin")
+
+
+class GatedLoRALinear(LoRALinear):
+    """A variant as LoRALinear's docstring describes one: LoRA times a learned scalar gate, an extra parameter."""
+
+    def __init__(self, base_layer, r, alpha, dropout=0.0, use_rslora=False):
+        super().__init__(base_layer, r, alpha, dropout, use_rslora)
+        self.lora_gate = torch.nn.Parameter(torch.ones((), device=self.lora_A.weight.device))
+
+    def adapter_output(self, x, base_result):
+        return self.lora_gate * super().adapter_output(x, base_result)
+
+    def delta_weight(self):  # merged_weight / unmerged_weight fold the gate in through it
+        return self.lora_gate * super().delta_weight()
+
+
+def test_a_registered_variant_saves_and_loads_every_parameter(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setitem(ADAPTER_VARIANTS, "gated", GatedLoRALinear)
+    model = hf_model(FAMILIES["llama"]())
+    inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=0.0, variant="gated"))
+    perturb_(adapter_parameters(model))
+    opt = torch.optim.AdamW(adapter_parameters(model), lr=0.05)
+    for _ in range(3):  # a few steps, so the gates move off 1
+        model(IDS).logits.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(m.lora_gate.item() != 1.0 for m in model.modules() if isinstance(m, GatedLoRALinear))
+    save_adapter(model, tmp_path / "gated")
+
+    config = json.loads((tmp_path / "gated" / "adapter_config.json").read_text())
+    assert config["minilora_variant"] == "gated" and config["use_dora"] is False
+    with safe_open(str(tmp_path / "gated" / "adapter_model.safetensors"), "pt") as f:
+        assert "base_model.model.model.layers.1.mlp.down_proj.lora_gate" in f.keys()
+    fresh = hf_model(FAMILIES["llama"]())
+    names = load_adapter(fresh, tmp_path / "gated")
+    assert all(type(fresh.get_submodule(n)) is GatedLoRALinear for n in names)
+    torch.testing.assert_close(logits(fresh), logits(model), atol=0, rtol=0)
+
+    # a file without the extra parameter is refused with the missing key named
+    lora = hf_model(FAMILIES["llama"]())
+    inject_adapters(lora, LoraConfig(r=4, alpha=8))
+    save_adapter(lora, tmp_path / "plain")
+    config_path = tmp_path / "plain" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "minilora_variant": "gated"}))
+    with pytest.raises(ValueError, match=r"14 missing, e\.g\. \['model.layers.0.mlp.down_proj.lora_gate'"):
+        load_adapter(hf_model(FAMILIES["llama"]()), tmp_path / "plain")
+
+    monkeypatch.delitem(ADAPTER_VARIANTS, "gated")
+    with pytest.raises(ValueError, match=r"plain/adapter_config.json: field 'minilora_variant' is 'gated'; expected "
+                                         r"one of the registered variants \['dora', 'lora'\]"):
+        load_adapter(hf_model(FAMILIES["llama"]()), tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"save_adapter: adapter class GatedLoRALinear is not in "
+                                         r"minilora.lora.ADAPTER_VARIANTS"):
+        save_adapter(model, tmp_path / "unregistered")
+
+
+def _multimodal_pair(tmp_path):
+    """A tiny Gemma3ForConditionalGeneration folder, and transformers' model of it as AutoModelForCausalLM gives it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import save_tiny_multimodal_gemma
+
+    save_tiny_multimodal_gemma(tmp_path / "src")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    return tmp_path / "src", hf.eval()
+
+
+MULTIMODAL_IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))  # no image tokens
+
+
+def test_an_adapter_on_a_multimodal_gemma3_loads_in_peft_on_its_language_model_only(tmp_path):
+    from peft import PeftModel
+
+    from minilora.checkpoint import load_model
+
+    src, hf = _multimodal_pair(tmp_path)
+    ours = load_model(src).model.eval()
+    inject_adapters(ours, LoraConfig(r=4, alpha=8))
+    perturb_(adapter_parameters(ours))
+    save_adapter(ours, tmp_path / "adapter")
+
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and not n.endswith("lora_A")]
+    assert len(wrapped) == 7 * 6 and all(".language_model.layers." in n for n in wrapped), wrapped
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=MULTIMODAL_IDS).logits, ours(MULTIMODAL_IDS).logits,
+                                   atol=1e-5, rtol=0)
+    again = load_model(src).model.eval()
+    load_adapter(again, tmp_path / "adapter")  # and back into minilora
+    with torch.no_grad():
+        torch.testing.assert_close(again(MULTIMODAL_IDS).logits, ours(MULTIMODAL_IDS).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [r".*language_model.*\.(q_proj|v_proj)", "all-linear"])
+def test_a_peft_adapter_of_a_multimodal_gemma3_loads_into_its_text_decoder(tmp_path, targets):
+    """peft names the text decoder model.language_model. (transformers < 4.52: language_model.model.), and
+    "all-linear" adapts the vision tower too, whose adapters a text-only forward never runs."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    from minilora.checkpoint import load_model
+
+    src, hf = _multimodal_pair(tmp_path)
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    perturb_([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=4)
+    peft_model.save_pretrained(tmp_path / "peft")
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert any("vision_tower" in k for k in keys) == (targets == "all-linear")
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=MULTIMODAL_IDS).logits
+
+    ours = load_model(src).model.eval()
+    names = load_adapter(ours, tmp_path / "peft")
+    assert len(names) == (2 if targets != "all-linear" else 7) * 6
+    with torch.no_grad():
+        torch.testing.assert_close(ours(MULTIMODAL_IDS).logits, expected, atol=1e-5, rtol=0)
+
+    # the same file in the layout of transformers < 4.52 loads the same
+    legacy = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+              for k, v in keys.items()}
+    save_file(legacy, tmp_path / "peft" / "adapter_model.safetensors")
+    ours = load_model(src).model.eval()
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(MULTIMODAL_IDS).logits, expected, atol=1e-5, rtol=0)
+
+    # only the image side's keys are left out: another unexpected key is still refused
+    save_file({**keys, "base_model.model.model.language_model.norm.lora_A.weight": torch.zeros(4, 64)},
+              tmp_path / "peft" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"1 unexpected, e.g. \['model.norm.lora_A.weight'\]"):
+        load_adapter(load_model(src).model, tmp_path / "peft")
+
+
+def test_a_plain_checkpoint_keeps_the_peft_layout(tmp_path):
+    """Only a multimodal wrapper's files change: a text-only Gemma 3 saves suffix targets and model.layers keys."""
+    from safetensors import safe_open
+
+    model = twin(hf_model(FAMILIES["gemma"]()))
+    assert not model.config.multimodal_wrapper
+    inject_adapters(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        assert sorted(f.keys())[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
