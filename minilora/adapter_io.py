@@ -265,13 +265,22 @@ def base_model_check(expected_model: str) -> Callable[[dict], None]:
     model than `expected_model` (the same folder name counts as the same model; no name passes)."""
     def check(raw: dict) -> None:
         base = raw.get("base_model_name_or_path")
-        if base and base != expected_model and Path(base).name != Path(expected_model).name:
+        if base and base != expected_model and _model_name(base) != _model_name(expected_model):
             raise ValueError(
                 f"adapter was trained on base model {base!r}, but --model is {expected_model!r}; "
                 "pass the adapter's base model"
             )
 
     return check
+
+
+def _model_name(model: str) -> str:
+    """The name that identifies a base model: its folder's name, and for a packaged model's converted
+    folder (`converted/<short name>-<sha12>`, packaged.py) the short name it was trained under."""
+    path = Path(model)
+    if path.parent.name == "converted" and re.fullmatch(r".+-[0-9a-f]{12}", path.name):
+        return path.name.rsplit("-", 1)[0]
+    return path.name
 
 
 def check_adapter_folder(adapter_dir: str | os.PathLike,

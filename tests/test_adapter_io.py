@@ -483,3 +483,16 @@ def test_a_plain_checkpoint_keeps_the_peft_layout(tmp_path):
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
     with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
         assert sorted(f.keys())[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_base_model_check_refuses_another_base_and_knows_a_packaged_models_converted_folder():
+    from minilora.adapter_io import base_model_check
+
+    check = base_model_check("/home/u/.cache/minilora/converted/gemma-3-270m-a5fd3b62230a")
+    check({"base_model_name_or_path": "gemma-3-270m"})  # the folder the short name converts to (was refused)
+    check({"base_model_name_or_path": None})  # no name: nothing to compare
+    with pytest.raises(ValueError, match=r"trained on base model 'smollm2-135m-instruct', but --model is "):
+        check({"base_model_name_or_path": "smollm2-135m-instruct"})
+    base_model_check("google/gemma-3-1b-it")({"base_model_name_or_path": "/models/gemma-3-1b-it"})  # same folder name
+    with pytest.raises(ValueError, match="pass the adapter's base model"):
+        base_model_check("google/gemma-3-1b-it")({"base_model_name_or_path": "google/gemma-3-270m"})
