@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from .adapter_config import CONFIG_NAME, VARIANT_FIELD, read_adapter_config
 from .checkpoint import IMAGE_PREFIXES, TEXT_DECODER_PREFIXES
+from .gguf import ABANDONED_AFTER_S
 from .lora import (
     ADAPTER_VARIANTS,
     LoRALinear,
@@ -66,12 +68,33 @@ COPIED_FILES = (
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)`, then tmp renamed to path: a cut write leaves no partial file (model-sized for an export).
+    The file gets the umask's mode (safetensors creates its files owner-only), and a failure names the file."""
+    _remove_abandoned_temporaries(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it: colleagues sharing a runs folder can read it
         os.replace(tmp, path)
+    except Exception as err:  # a full disk is safetensors' SafetensorError or torch's RuntimeError
+        if isinstance(err, OSError) and err.filename:
+            raise
+        raise OSError(f"{path}: cannot write it ({type(err).__name__}: {err}); is the disk full?") from err
     finally:
-        tmp.unlink(missing_ok=True)  # a cut write leaves no partial file (model-sized for an export)
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_abandoned_temporaries(folder: Path) -> None:
+    """safetensors (0.8) writes through its own hidden `.tmpXXXXXX` beside the target, which a kill leaves
+    behind for good (model-sized in an export's folder): remove those old enough to be nobody's write."""
+    for leftover in folder.glob(".tmp*"):
+        try:
+            if leftover.is_file() and time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S:
+                leftover.unlink()
+        except OSError:  # removed meanwhile
+            pass
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -275,11 +298,15 @@ def base_model_check(expected_model: str) -> Callable[[dict], None]:
 
 
 def _model_name(model: str) -> str:
-    """The name that identifies a base model: its folder's name, and for a packaged model's converted
-    folder (`converted/<short name>-<sha12>`, packaged.py) the short name it was trained under."""
+    """The name that identifies a base model: its folder's name; for a packaged model's converted folder
+    (`converted/<short name>-<sha12>`, packaged.py) the short name it was trained under, and for a Hub
+    cache's snapshot folder the repository's name."""
     path = Path(model)
     if path.parent.name == "converted" and re.fullmatch(r".+-[0-9a-f]{12}", path.name):
         return path.name.rsplit("-", 1)[0]
+    hub_cached = re.fullmatch(r"models--[^/]+--(.+)", path.parent.parent.name)  # models--org--name/snapshots/<sha>
+    if path.parent.name == "snapshots" and hub_cached:
+        return hub_cached.group(1)  # the name of org/name, as a Hub id is compared
     return path.name
 
 
@@ -291,7 +318,12 @@ def check_adapter_folder(adapter_dir: str | os.PathLike,
     config, raw = read_adapter_config(adapter_dir)
     if config_check is not None:
         config_check(raw)
-    _weights_file(Path(adapter_dir))
+    weights = _weights_file(Path(adapter_dir))
+    try:  # the header and the file's length: a cut file is found here, not after the adapters before it
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for bad headers / short files
+        raise ValueError(f"{weights}: corrupted or truncated safetensors file ({type(e).__name__}: {e})") from e
     return config, raw
 
 

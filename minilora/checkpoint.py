@@ -93,7 +93,7 @@ def _download_from_hub(repo_id: str) -> Path:
             "(gemma-3-270m, smollm2-135m-instruct)"
         )
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS, token=token))
+        fetched = Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS, token=token))
     except GatedRepoError as err:
         raise CheckpointError(
             f"model {repo_id!r} is gated: accept its licence on the Hub and set HF_TOKEN ({err.__class__.__name__})"
@@ -106,6 +106,14 @@ def _download_from_hub(repo_id: str) -> Path:
             f"({err.__class__.__name__}: {err}); pass a local folder or a packaged model "
             "(gemma-3-270m, smollm2-135m-instruct)"
         ) from err
+    lacking = _missing_files(fetched)
+    if lacking:  # with the Hub unreachable, snapshot_download falls back to the cached snapshot, as it is
+        raise CheckpointError(
+            f"model {repo_id!r} is only partly in the local Hugging Face cache ({fetched}: no "
+            f"{', '.join(lacking[:3])}) and could not be completed from the Hub; download it where the Hub is "
+            "reachable, pass a local folder, or use a packaged model (gemma-3-270m, smollm2-135m-instruct)"
+        )
+    return fetched
 
 
 def _missing_files(folder: Path) -> list[str]:

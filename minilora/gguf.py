@@ -441,6 +441,9 @@ def is_converted(out_dir: Path) -> bool:
     says. A conversion is renamed in whole, so a gap means an outside cause (a cleanup, a full disk)."""
     if not all((out_dir / name).is_file() for name in CONVERTED_FILES):
         return False
+    for name in CONVERTED_FILES:  # a JSON file cut short does not end its object (tokenizer.json: 33 MB to parse)
+        if name.endswith(".json") and not _ends_an_object(out_dir / name):
+            return False
     weights = out_dir / "model.safetensors"
     try:
         with weights.open("rb") as f:
@@ -450,6 +453,12 @@ def is_converted(out_dir: Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return False
     return weights.stat().st_size == 8 + header_size + end
+
+
+def _ends_an_object(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 64))
+        return f.read().rstrip().endswith(b"}")
 
 
 ABANDONED_AFTER_S = 3600  # a conversion or an assembly takes about a minute: an older temporary is a killed one's

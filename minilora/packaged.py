@@ -49,12 +49,16 @@ def resolve_packaged(name: str) -> Path | None:
     """
     if name not in PACKAGED_MODELS:
         return None
-    gguf_path = _packaged_gguf(name)
-    out_dir = cache_dir() / "converted" / f"{name}-{_file_key(gguf_path)}"
-    if not is_converted(out_dir):
-        if out_dir.exists():  # a file deleted or cut short from outside: convert again rather than fail later
-            print(f"minilora: {out_dir} is incomplete; converting {gguf_path.name} again", file=sys.stderr)
-        convert_gguf(gguf_path, out_dir)
+    try:
+        gguf_path = _packaged_gguf(name)
+        out_dir = cache_dir() / "converted" / f"{name}-{_file_key(gguf_path)}"
+        if not is_converted(out_dir):
+            if out_dir.exists():  # a file deleted or cut short from outside: convert again rather than fail later
+                print(f"minilora: {out_dir} is incomplete; converting {gguf_path.name} again", file=sys.stderr)
+            convert_gguf(gguf_path, out_dir)
+    except OSError as err:  # e.g. "Not a directory: '<cache>/converted'" named neither the cache nor its variable
+        raise OSError(f"model cache {cache_dir()} (MINILORA_CACHE): cannot write {name!r} there ({err}); point "
+                      "MINILORA_CACHE at a writable folder with ~1 GB free") from err
     return out_dir
 
 

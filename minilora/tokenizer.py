@@ -61,7 +61,10 @@ class Tokenizer:
         path = self.folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{self.folder}: tokenizer.json not found (minilora reads fast-tokenizer files only)")
-        self.backend = HFTokenizer.from_file(str(path))
+        try:
+            self.backend = HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for JSON it cannot parse
+            raise TokenizerError(f"{path}: cannot be read as a tokenizer ({err}); is the file cut short?") from err
         config = _read_json(self.folder / "tokenizer_config.json")
         model_config = _read_json(self.folder / "config.json")
         model_config = model_config.get("text_config", model_config) if "text_config" in model_config else model_config

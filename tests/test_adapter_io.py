@@ -494,5 +494,58 @@ def test_base_model_check_refuses_another_base_and_knows_a_packaged_models_conve
     with pytest.raises(ValueError, match=r"trained on base model 'smollm2-135m-instruct', but --model is "):
         check({"base_model_name_or_path": "smollm2-135m-instruct"})
     base_model_check("google/gemma-3-1b-it")({"base_model_name_or_path": "/models/gemma-3-1b-it"})  # same folder name
+    snapshot = "/root/.cache/huggingface/hub/models--google--gemma-3-1b-it/snapshots/0123abcd"
+    base_model_check(snapshot)({"base_model_name_or_path": "google/gemma-3-1b-it"})  # the id's own cached files
     with pytest.raises(ValueError, match="pass the adapter's base model"):
         base_model_check("google/gemma-3-1b-it")({"base_model_name_or_path": "google/gemma-3-270m"})
+
+
+def test_adapter_files_take_the_umask_mode_and_old_hidden_temporaries_go(tmp_path):
+    """safetensors creates its file owner-only (0600): colleagues sharing a runs folder could not load the
+    adapter. Its own hidden `.tmpXXXXXX`, left by a write that was killed, stayed for good."""
+    import os
+    import time
+
+    model = hf_model(FAMILIES["llama"]())
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+    (tmp_path / "a").mkdir()
+    old, fresh = tmp_path / "a" / ".tmpKilled", tmp_path / "a" / ".tmpWriting"
+    old.write_bytes(b"\0" * 10)
+    fresh.write_bytes(b"\0" * 10)
+    os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    umask = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "a")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+    assert modes == {"adapter_model.safetensors": 0o644, "adapter_config.json": 0o644, ".tmpWriting": 0o644}
+
+
+def test_a_write_that_fails_inside_safetensors_names_the_file(tmp_path, monkeypatch):
+    import minilora.adapter_io as adapter_io
+
+    model = hf_model(FAMILIES["llama"]())
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+
+    def full(tensors, target, **kwargs):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")  # its wording
+
+    monkeypatch.setattr(adapter_io, "save_file", full)
+    with pytest.raises(OSError, match=r"a/adapter_model.safetensors: cannot write it \(RuntimeError: .*StorageFull"):
+        save_adapter(model, tmp_path / "a")
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_an_adapter_folder_check_reads_the_weights_header(tmp_path):
+    """eval.py checks every --adapter before evaluating: a cut weights file was found only when its turn came."""
+    from minilora.adapter_io import check_adapter_folder
+
+    model = hf_model(FAMILIES["llama"]())
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "a")
+    check_adapter_folder(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"a/adapter_model.safetensors: corrupted or truncated"):
+        check_adapter_folder(tmp_path / "a")

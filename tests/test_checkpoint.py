@@ -175,6 +175,13 @@ def test_a_partly_cached_hub_id_is_completed_from_the_hub_or_named_offline(llama
     assert calls == [True, False]  # the cache first, then the Hub for what it lacked
     assert load_model("tiny-org/tiny-llama").config.num_layers == 3
 
+    # the Hub unreachable and HF_HUB_OFFLINE unset: snapshot_download hands back the cached part as it is
+    (snapshot / "model.safetensors").unlink()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(snapshot))
+    with pytest.raises(CheckpointError, match=r"only partly in the local Hugging Face cache \(.*: no "
+                                              r"model.safetensors\) and could not be completed from the Hub"):
+        resolve_checkpoint("tiny-org/tiny-llama")  # was "<snapshot>: no model.safetensors" at load time
+
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path, tied):
@@ -336,3 +343,13 @@ def test_a_gemma_config_without_query_pre_attn_scalar_scales_as_transformers_doe
         expected = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
         got = load_model(folder).model(ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_an_unreadable_tokenizer_json_is_named(tmp_path):
+    from minilora.tokenizer import TokenizerError
+
+    write_tiny_tokenizer(tmp_path)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(TokenizerError, match=rf"{path}: cannot be read as a tokenizer \(EOF while parsing"):
+        Tokenizer(tmp_path)  # was a bare Exception naming no file

