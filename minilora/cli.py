@@ -5,10 +5,14 @@ wheel installs them as `minilora-train`, `minilora-eval` and `minilora-predict` 
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from .allocator import reexec_with_preferred_malloc
 
@@ -59,25 +63,63 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
     return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
 
 
-def run_cli(config_cls: type, run, description: str, argv=None) -> int:
-    """Parse flags into config_cls, call run(config); errors print one line and exit with code 2."""
+def run_cli(config_cls: type, run, description: str, argv=None,
+            interrupted: Callable[[Any], str] = lambda config: "interrupted") -> int:
+    """Parse flags into config_cls, call run(config); errors print one line and exit with code 2, Ctrl-C or
+    SIGTERM prints interrupted(config) and exits with code 130."""
     import sys
+
+    from safetensors import SafetensorError  # what a failed safetensors write raises (a full disk)
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, config_cls)
     config = config_from_args(config_cls, parser.parse_args(argv))
     try:
-        run(config)
-    except (ValueError, OSError, RuntimeError, ImportError) as err:  # OSError: a path that is not what it should be
+        with _sigterm_as_interrupt():
+            run(config)
+    except KeyboardInterrupt:
+        print(interrupted(config), file=sys.stderr)
+        return 130
+    # OSError: a path that is not what it should be
+    except (ValueError, OSError, RuntimeError, ImportError, SafetensorError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what a job scheduler sends) ends the command as Ctrl-C does, rather than killing it
+    without a word. Signal handlers can only be set from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def train(argv=None) -> int:
     from .finetune import RunConfig, run  # loads torch: after the malloc choice of the caller
 
-    return run_cli(RunConfig, run, TRAIN_HELP, argv)
+    return run_cli(RunConfig, run, TRAIN_HELP, argv, interrupted=_train_interrupted)
+
+
+def _train_interrupted(config) -> str:
+    """Where an interrupted training run stands, and how it goes on."""
+    from .run_state import last_checkpoint_step
+
+    folder = Path(config.output_dir) / "checkpoint"
+    step = last_checkpoint_step(folder)
+    if step is None:
+        return f"interrupted; no checkpoint yet in {folder}"
+    return f"interrupted; the last checkpoint (step {step}) is in {folder}: continue with --resume"
 
 
 def evaluate(argv=None) -> int:

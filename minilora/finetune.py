@@ -7,9 +7,9 @@ adapters (A is drawn here, after seeding), freeze, train, save, evaluate.
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from .quant import quantize_module_nf4
 from .recompute import CHECKPOINT_POLICIES
 from .report import atomic_write
 from .scoring import label_logprobs, predict_labels
+from .run_folder import check_output_dir, check_same_data, prepare_output_dir
+from .run_state import RunError
 from .tokenizer import Tokenizer
 from .trainer import LoopConfig, train
 
@@ -114,10 +116,6 @@ class RunConfig:
         return LoopConfig(**{name: getattr(self, name) for name in shared})
 
 
-class RunError(ValueError):
-    """A run that cannot start as configured (and would otherwise lose or mix up work)."""
-
-
 def check_settings(cfg: RunConfig) -> None:
     """Numbers out of range, refused before anything is loaded or written."""
     if cfg.lora_r <= 0:
@@ -167,92 +165,16 @@ def make_formatter(tokenizer: Tokenizer, prompt_format: str, template_file: str 
     return PromptFormatter(tokenizer, load_template(template_file), chat=chat, labels=labels)
 
 
-# ------------------------------------------------------------------------------------ output folder
-
-
-def check_output_dir(cfg: RunConfig) -> Path:
-    """Refuse to mix runs: an existing run is continued only with --resume, replaced only with --overwrite,
-    and --overwrite replaces only a run (a folder with run_config.json), never other files. Changes nothing."""
-    out = Path(cfg.output_dir)
-    saved = out / "run_config.json"
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output-dir {out} is a file, not a folder")
-    blocking = next((parent for parent in out.absolute().parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise RunError(f"--output-dir {out} cannot be made: {blocking} is a file")
-    if cfg.resume:
-        if not saved.is_file():
-            raise RunError(f"--resume: {out} holds no run (run_config.json missing)")
-        try:
-            previous = json.loads(saved.read_text())
-        except json.JSONDecodeError as err:
-            raise RunError(f"--resume: {saved} is not valid JSON ({err})") from None
-        # the folder is the run whatever path reaches it; paths that name the same file are the same setting
-        # the final evaluation's settings do not touch the training: they may change on a resume
-        ignore = {"resume", "overwrite", "eval_baseline", "eval_limit", "eval_method", "device", "output_dir"}
-        changed = {k: (previous[k], v) for k, v in asdict(cfg).items()
-                   if k not in ignore and k in previous and not _same_setting(previous[k], v)}
-        if changed:
-            raise RunError(f"--resume: settings differ from the run in {out}: "
-                           + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-    elif _own_files_aside(out):
-        if not cfg.overwrite:
-            raise RunError(f"{out} already holds files (another run?); pass --resume to continue it or "
-                           "--overwrite to replace it")
-        if not saved.is_file():
-            raise RunError(f"--overwrite replaces a training run, and {out} holds files but no run "
-                           "(run_config.json missing); choose another --output-dir")
-        for flag, value in (("--data", cfg.data), ("--prompt-template", cfg.prompt_template), ("--model", cfg.model)):
-            if value is not None and Path(value).exists() and Path(value).resolve().is_relative_to(out.resolve()):
-                raise RunError(f"--overwrite empties {out}, and {flag} {value} is inside it; move it out of the "
-                               "folder or choose another --output-dir")
-    return out
-
-
-def check_same_data(out: Path, info: data_mod.DataInfo) -> None:
-    """--resume: the rows must be the ones the run started with (same file content, same splits)."""
-    try:
-        previous = json.loads((out / "data_info.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return  # a run cut before it wrote data_info.json: nothing to compare with
-    now = json.loads(json.dumps(asdict(info), default=str))
-    changed = [key for key in ("sha256", "split_counts") if key in previous and previous[key] != now[key]]
-    if changed:
-        raise RunError(f"--resume: the data differs from the run in {out} ({' and '.join(changed)} changed, see "
-                       f"{out / 'data_info.json'}); resume with the same --data, or start another run")
-
-
-def _same_setting(before, now) -> bool:
-    if before == now:
-        return True
-    if isinstance(before, str) and isinstance(now, str) and Path(before).exists() and Path(now).exists():
-        return Path(before).resolve() == Path(now).resolve()  # "runs/x" and "./runs/x/" are one folder
-    return False
-
-
-def _own_files_aside(out: Path) -> bool:
-    """Whether `out` holds anything but the temporary files of a write that a crash cut short."""
-    return out.is_dir() and any(not entry.name.endswith(".tmp") for entry in out.iterdir())
-
-
-def prepare_output_dir(cfg: RunConfig) -> Path:
-    """check_output_dir, then empty the folder of a run that --overwrite replaces; called once everything
-    the run needs has loaded, so that a mistake in the new settings does not cost the old run. The folder
-    itself stays (it may be a symlink, the working directory, or in a parent we cannot write)."""
-    out = check_output_dir(cfg)
-    if not cfg.resume and out.is_dir():
-        for entry in out.iterdir():  # a replaced run's files, or leftovers of a cut write
-            if cfg.overwrite or entry.name.endswith(".tmp"):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 # ----------------------------------------------------------------------------------------- the run
 
 
 def run(cfg: RunConfig, log=print) -> dict:
     """Train an adapter as configured and evaluate it on the test split; returns the test metrics."""
+    with ExitStack() as held:  # the output folder's lock, from prepare_output_dir to the end of the run
+        return _run(cfg, log, held)
+
+
+def _run(cfg: RunConfig, log, held: ExitStack) -> dict:
     check_settings(cfg)
     check_output_dir(cfg)
     load_template(cfg.prompt_template)  # a bad template file is found before the model loads
@@ -288,8 +210,9 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     find_targets(model, cfg.lora_config())  # the targets exist
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)  # may refuse the split
-    out = prepare_output_dir(cfg)  # nothing was written before this point
-    atomic_write(out / "run_config.json", json.dumps(asdict(cfg), indent=2, default=str))
+    out = prepare_output_dir(cfg, held)  # nothing was written before this point
+    # cwd: where relative paths start from, so that a --resume from another folder compares the same files
+    atomic_write(out / "run_config.json", json.dumps({**asdict(cfg), "cwd": os.getcwd()}, indent=2, default=str))
     atomic_write(out / "data_info.json", json.dumps(asdict(splits.info), indent=2, default=str))
 
     seed_everything(cfg.seed)  # adapters are initialised from this seed whatever loading consumed

@@ -11,8 +11,6 @@ import contextlib
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,13 +22,11 @@ import torch
 
 from . import quant
 from .adapter_io import save_adapter
-from .lora import adapter_parameters, adapter_state_dict
+from .lora import adapter_parameters
 from .loss import completion_loss
 from .model import CausalLM
 from .prompts import Batch, TokenizedExample, collate, common_prefix_length
-
-STATE_FILE = "training_state.pt"
-
+from .run_state import find_checkpoint, load_state, save_checkpoint, set_rng_state
 
 @dataclass
 class LoopConfig:
@@ -102,54 +98,6 @@ def plan_steps(lengths: list[int], cfg: LoopConfig, sample_order=None) -> list[l
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(folder: Path, model: CausalLM, optimizer: torch.optim.Optimizer, step: int, extra: dict,
-                    base_model: str | None) -> None:
-    """Adapter (PEFT layout) + optimizer + RNG + step, written to a temp folder and swapped in, so a
-    crash at any moment leaves the previous complete checkpoint."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, base_model_name_or_path=base_model)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-             "adapter": {k: v.clone() for k, v in adapter_state_dict(model).items()}, **extra}
-    torch.save(state, tmp / STATE_FILE)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(folder: Path) -> Path | None:
-    """The latest complete checkpoint, always at `folder`. A crash between save_checkpoint's two
-    renames leaves only the `.old` one: it moves back into place, so that no `.old` copy outlives the
-    resume (a resume with nothing left to train writes no new checkpoint to clear it)."""
-    old = folder.with_name(folder.name + ".old")
-    if (folder / STATE_FILE).is_file():
-        shutil.rmtree(old, ignore_errors=True)  # a crash after the swap, before the clean-up
-        return folder
-    if (old / STATE_FILE).is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        old.rename(folder)
-        return folder
-    return None
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -194,7 +142,7 @@ def train(
         log(f"no checkpoint in {checkpoint_dir} yet: training starts at step 0")
         metrics.truncate_after(0)
     if found is not None:
-        state = torch.load(found / STATE_FILE, weights_only=False)
+        state = load_state(found)
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in state["adapter"].items():
@@ -203,12 +151,13 @@ def train(
         set_rng_state(state["rng"])
         start_step, best, loss_value = state["step"], state["best"], state.get("loss", float("nan"))
         elapsed_before = state.get("elapsed_s", 0.0)
-        pending = state.get("pending_record")  # written before its step's validation, which may not have run
-        metrics.truncate_after(start_step - 1 if pending is not None else start_step)
+        record, pending_validation = _checkpoint_record(state)
+        metrics.truncate_after(start_step - 1 if record is not None else start_step)
         log(f"resumed from {found} at step {start_step}/{total_steps}")
-        if pending is not None and validate is not None:
-            best = _validate_into(pending, model, validate, best, out_dir, base_model, log)
-            metrics.write(pending)
+        if record is not None:  # the step's line, which a kill right after the checkpoint would lose
+            if pending_validation and validate is not None:
+                best = _validate_into(record, model, validate, best, out_dir, base_model, log)
+            metrics.write(record)
 
     model.train()
     started, tokens_seen = time.time(), 0
@@ -241,16 +190,25 @@ def train(
                            f"tok/s {record['tokens_per_s']:.0f} ETA {_clock(eta)}")
         validating = validate is not None and (cfg.eval_every > 0 and done % cfg.eval_every == 0 or done == total_steps)
         if cfg.save_every > 0 and done % cfg.save_every == 0 or done == total_steps:
-            # before the validation, so that a failing validation costs no training; its record waits
-            # in the checkpoint, and a resume runs that validation first
-            pending = record if validating else None
-            extra = {"best": best, "pending_record": pending, "loss": step_loss, "elapsed_s": elapsed_before + elapsed}
+            # before the validation and the metrics line, so that a failing validation costs no training;
+            # the step's record waits in the checkpoint, and a resume runs that validation and writes it
+            extra = {"best": best, "record": record, "pending_validation": validating, "loss": step_loss,
+                     "elapsed_s": elapsed_before + elapsed}
             save_checkpoint(checkpoint_dir, model, optimizer, done, extra, base_model)
         if validating:
             best = _validate_into(record, model, validate, best, out_dir, base_model, log)
         metrics.write(record)
     metrics.close()
     return TrainResult(total_steps, loss_value, best["step"], best["accuracy"], elapsed_before + time.time() - started)
+
+
+def _checkpoint_record(state: dict) -> tuple[dict | None, bool]:
+    """The metrics record of a checkpoint's step and whether its validation is still to run. Older
+    checkpoints kept a record only when the validation was pending ("pending_record")."""
+    if "record" in state:
+        return state["record"], state["pending_validation"]
+    pending = state.get("pending_record")
+    return pending, pending is not None
 
 
 def _validate_into(record: dict, model: CausalLM, validate: Callable[[CausalLM], dict], best: dict, out_dir: Path,

@@ -14,7 +14,8 @@ from minilora.finetune import RunConfig, RunError, run
 from minilora.lora import LoraConfig, adapter_parameters, inject_adapters
 from minilora.prompts import PromptFormatter, collate
 from minilora.tokenizer import Tokenizer
-from minilora.trainer import STATE_FILE, LoopConfig, accumulate_gradients, lr_at, plan_steps
+from minilora.run_state import STATE_FILE
+from minilora.trainer import LoopConfig, accumulate_gradients, lr_at, plan_steps
 from tests.tiny import hf_model, save_tiny_checkpoint, tiny_llama_config
 
 
@@ -576,3 +577,252 @@ def test_dequantize_once_without_qlora_is_refused(tmp_path):
     with pytest.raises(RunError, match="--dequantize-once applies to NF4 weights only"):
         run(RunConfig(output_dir=str(tmp_path / "run"), dequantize_once=True))
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in records]
+
+
+def test_a_kill_between_a_checkpoint_and_its_metrics_line_loses_no_line(tiny_dir, tiny_csv, tmp_path, monkeypatch):
+    """Step 3 is checkpointed and not validated; a kill before its line is appended used to lose the line
+    for good (the resume started at step 4). The checkpoint keeps the record, and the resume writes it."""
+    import minilora.trainer as trainer
+
+    settings = dict(save_every=1, eval_every=2)
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "full", **settings), log=lambda line: None)
+    real_write = trainer.MetricsLog.write
+
+    def killed_before_line_3(self, record):
+        if record["step"] == 3:
+            raise Crash
+        real_write(self, record)
+
+    monkeypatch.setattr(trainer.MetricsLog, "write", killed_before_line_3)
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", **settings), log=lambda line: None)
+    monkeypatch.undo()
+    assert [r["step"] for r in _records(tmp_path / "resumed")] == [1, 2]
+    logs = []
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "resumed", resume=True, **settings), log=logs.append)
+    assert any("resumed from" in line and "at step 3/4" in line for line in logs)
+    assert _untimed(_records(tmp_path / "resumed")) == _untimed(_records(tmp_path / "full"))
+    full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "resumed")
+    assert all(torch.equal(resumed[key], full[key]) for key in full)
+
+
+def test_a_checkpoint_of_an_older_version_still_resumes_exactly(tiny_dir, tiny_csv, tmp_path):
+    """Checkpoints written before the step's record was always kept: the numpy RNG key as a numpy array
+    (which the weights-only load allows) and only a validating step's record, as pending_record."""
+    import numpy as np
+
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "full"), log=lambda line: None)
+
+    def crash_at_step_3(line):
+        if line.startswith("step 3/4"):
+            raise Crash
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, tiny_csv, out), log=crash_at_step_3)
+    path = out / "checkpoint" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    kind, keys, *position = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (kind, keys.numpy().astype(np.uint32), *position)
+    record = state.pop("record")
+    state["pending_record"] = record if state.pop("pending_validation") else None
+    torch.save(state, path)
+    run(_cfg(tiny_dir, tiny_csv, out, resume=True), log=lambda line: None)
+    assert _untimed(_records(out)) == _untimed(_records(tmp_path / "full"))
+    full, resumed = _adapter(tmp_path / "full"), _adapter(out)
+    assert all(torch.equal(resumed[key], full[key]) for key in full)
+
+
+class Evil:
+    """Any object a training state never holds: only torch's full unpickler would build it."""
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "a foreign object"])
+def test_an_unreadable_training_state_is_one_line_naming_the_file(tiny_dir, tiny_csv, tmp_path, damage):
+    out = tmp_path / "run"
+    settings = dict(max_steps=2, eval_every=0, save_every=1)
+    run(_cfg(tiny_dir, tiny_csv, out, **settings), log=lambda line: None)
+    path = out / "checkpoint" / STATE_FILE
+    content = {"empty": b"", "truncated": path.read_bytes()[:2000], "garbage": b"hello\n"}.get(damage)
+    if content is None:
+        torch.save({"step": 2, "optimizer": Evil()}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(RunError, match=f"{path} (is unreadable|holds no training state) .*; delete "
+                                       f"{out / 'checkpoint'} and --resume restarts the run from step 0") as error:
+        run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)
+    assert "\n" not in str(error.value)
+    shutil.rmtree(out / "checkpoint")  # what the message says to do
+    logs = []
+    run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=logs.append)
+    assert any("starts at step 0" in line for line in logs)
+    assert [r["step"] for r in _records(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("error", ["safetensors", "os"])
+def test_a_full_disk_during_a_checkpoint_names_it_and_leaves_no_temp_folder(tiny_dir, tiny_csv, tmp_path,
+                                                                            monkeypatch, error):
+    import errno
+    import os
+
+    import minilora.run_state as run_state
+    from safetensors import SafetensorError
+
+    real_save = run_state.save_adapter
+
+    def full_disk_at_the_second_checkpoint(model, folder, **kwargs):
+        real_save(model, folder, **kwargs)  # partial files in the temp folder
+        if folder.name == "checkpoint.tmp" and (folder.parent / "checkpoint").exists():
+            raise (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+                   if error == "safetensors" else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(run_state, "save_adapter", full_disk_at_the_second_checkpoint)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match=rf"{out / 'checkpoint'}: the checkpoint could not be written \(disk full\?\)"):
+        run(_cfg(tiny_dir, tiny_csv, out, eval_every=0), log=lambda line: None)
+    assert not (out / "checkpoint.tmp").exists()
+    assert run_state.last_checkpoint_step(out / "checkpoint") == 2  # the previous checkpoint is whole
+
+
+def _argv(tiny_dir, tiny_csv, out, **overrides) -> list[str]:
+    """_cfg's settings as train.py's flags."""
+    from dataclasses import fields
+
+    cfg, argv = _cfg(tiny_dir, tiny_csv, out, **overrides), []
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def test_a_failed_safetensors_write_is_one_line_from_the_command(tiny_dir, tiny_csv, tmp_path, monkeypatch, capsys):
+    import minilora.finetune as finetune
+    from minilora.cli import train as train_command
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(finetune, "save_adapter", full_disk)  # the final adapter
+    assert train_command(_argv(tiny_dir, tiny_csv, tmp_path / "run", max_steps=1, eval_every=0)) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: Error while serializing: I/O error: No space left on device (os error 28)"]
+
+
+@pytest.mark.parametrize("signal_name,at_step", [("SIGINT", 3), ("SIGTERM", 3), ("SIGINT", 1)])
+def test_an_interrupted_run_says_in_one_line_where_its_checkpoint_is(tiny_dir, tiny_csv, tmp_path, monkeypatch,
+                                                                    capsys, signal_name, at_step):
+    import signal
+
+    import minilora.trainer as trainer
+    from minilora.cli import train as train_command
+
+    real, calls = trainer.accumulate_gradients, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_step:
+            if signal_name == "SIGINT":
+                raise KeyboardInterrupt  # what Ctrl-C raises
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would end the run without a word"
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    try:
+        code = train_command(_argv(tiny_dir, tiny_csv, out))  # a checkpoint every 2 steps
+    except KeyboardInterrupt:
+        pytest.fail("the interruption ended the command with a traceback")
+    assert code == 130
+    expected = (f"interrupted; the last checkpoint (step 2) is in {out / 'checkpoint'}: continue with --resume"
+                if at_step == 3 else f"interrupted; no checkpoint yet in {out / 'checkpoint'}")
+    assert capsys.readouterr().err.splitlines() == [expected]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_process_cannot_train_into_the_same_folder(tiny_dir, tiny_csv, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    from minilora.run_folder import LOCK_FILE
+
+    out = tmp_path / "run"
+    settings = dict(max_steps=2, eval_every=0)
+    run(_cfg(tiny_dir, tiny_csv, out, **settings), log=lambda line: None)
+    files = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.name != LOCK_FILE)
+    with (out / LOCK_FILE).open("a+") as held:  # what the process training into `out` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        for second in (dict(resume=True), dict(overwrite=True)):
+            with pytest.raises(RunError, match=rf"another process is training into {out} \(pid 4242\)"):
+                run(_cfg(tiny_dir, tiny_csv, out, **settings, **second), log=lambda line: None)
+            assert sorted((p.relative_to(out), p.stat().st_mtime_ns)
+                          for p in out.rglob("*") if p.name != LOCK_FILE) == files, second
+    logs = []  # the lock is released: the run goes on
+    run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=logs.append)
+    assert any("resumed from" in line for line in logs)
+
+
+def test_relative_paths_resume_from_another_working_directory(tiny_dir, tiny_csv, tmp_path, monkeypatch):
+    """run_config.json records the working directory: the same files reached by other paths resume, and
+    the same relative paths naming other files from elsewhere are refused."""
+    for folder in ("first", "elsewhere"):
+        shutil.copytree(tiny_dir, tmp_path / folder / "model")
+        shutil.copy(tiny_csv, tmp_path / folder / "rows.csv")
+    out = tmp_path / "run"
+
+    def crash_at_step_3(line):
+        if line.startswith("step 3/4"):
+            raise Crash
+
+    monkeypatch.chdir(tmp_path / "first")
+    with pytest.raises(Crash):
+        run(_cfg("model", "rows.csv", out), log=crash_at_step_3)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    first, elsewhere = (tmp_path / "first").resolve(), (tmp_path / "elsewhere").resolve()
+    with pytest.raises(RunError, match=f"model was '{first}/model', now '{elsewhere}/model', "
+                                       f"data was '{first}/rows.csv', now '{elsewhere}/rows.csv'"):
+        run(_cfg("model", "rows.csv", out, resume=True), log=lambda line: None)
+    monkeypatch.chdir(tmp_path)
+    logs = []
+    run(_cfg("first/model", str(tmp_path / "first" / "rows.csv"), out, resume=True), log=logs.append)
+    assert any("resumed from" in line and "at step 2/4" in line for line in logs)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(tiny_dir, tiny_csv, tmp_path,
+                                                                                   monkeypatch):
+    import errno
+    import importlib
+    import os
+
+    import minilora.finetune as finetune
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the folder was found read-only")
+
+    monkeypatch.setattr(finetune, "build_model", no_model)
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes there anyway: the probe meets a read-only mount instead
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(importlib.import_module("minilora.run_folder"), "TemporaryFile", read_only)
+    for out in (folder, folder / "run"):  # the folder itself, or the nearest one above it that exists
+        with pytest.raises(RunError, match=rf"--output-dir {out}: cannot write in {folder} \("):
+            run(_cfg(tiny_dir, tiny_csv, out), log=lambda line: None)
+    folder.chmod(0o755)
