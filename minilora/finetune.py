@@ -85,7 +85,8 @@ class RunConfig:
                                         "(fastest); selective = each whole block, keeping the projections' outputs "
                                         "(about as much memory); full = only each block's input (least memory)",
                                  choices=list(CHECKPOINT_POLICIES))
-    share_prefix: bool = opt(False, "compute the shared instruction prefix once per micro-batch (exact)")
+    share_prefix: bool = opt(False, "compute the shared instruction prefix once per micro-batch (exact with "
+                                    "dropout 0; with dropout the rows of a micro-batch share the prefix's masks)")
     class_weights: str = opt("none", "per-example loss weights by class", choices=["none", "balanced"])
     balanced_sampling: bool = opt(False, "oversample minority classes in the training order")
     prompt_template: str | None = opt(None, "file with a prompt template containing one {text} slot")

@@ -38,7 +38,9 @@ def completion_loss(model: CausalLM, batch: Batch, share_prefix: int = 0) -> Los
 
     share_prefix = P > 0: the first P tokens are identical in every row (the instruction); they are
     run once with batch size 1 and every row attends to their keys / values. Gradients reach the
-    adapters through those keys / values, so loss and gradients equal the unshared computation.
+    adapters through those keys / values, so loss and gradients equal the unshared computation (with
+    adapter dropout, the prefix's masks are drawn once and shared by the rows: each row's masks are as
+    random as before, but no longer independent of the other rows').
     """
     select, targets = supervised_positions(batch.labels)
     token_weights = batch.weights[:, None].expand_as(batch.labels)[select]

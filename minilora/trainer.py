@@ -89,13 +89,11 @@ def plan_steps(lengths: list[int], cfg: LoopConfig, sample_order=None) -> list[l
     while cfg.max_steps > 0 and len(steps) < cfg.max_steps or epoch < n_epochs and cfg.max_steps <= 0:
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, sample_order)
         if cfg.max_steps <= 0 and epoch == n_epochs - 1 and cfg.epochs % 1:  # fractional last epoch
-            batches = batches[: max(1, round(len(batches) * (cfg.epochs % 1)))]
+            # HF Trainer's count, ceil(epochs * batches per epoch); round() first drops float noise (100 * 0.3)
+            batches = batches[: max(1, math.ceil(round(len(batches) * (cfg.epochs % 1), 6)))]
         steps.extend(batches[s : s + cfg.grad_accum] for s in range(0, len(batches), cfg.grad_accum))
         epoch += 1
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
-
-
-# ------------------------------------------------------------------------------------ checkpoints
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -237,7 +235,8 @@ def accumulate_gradients(model: CausalLM, micro_batches: list[Batch], device: to
 
 def _accumulate(model: CausalLM, micro_batches: list[Batch], device: torch.device,
                 share_prefix: bool) -> tuple[float, int, int, int]:
-    step_weight = sum(float((b.weights[:, None] * (b.labels != -100)).sum()) for b in micro_batches)
+    # position 0 predicts nothing (completion_loss supervises labels[:, 1:]): it must not count here either
+    step_weight = sum(float((b.weights[:, None] * (b.labels[:, 1:] != -100)).sum()) for b in micro_batches)
     step_loss, step_tokens, correct, rows = 0.0, 0, 0, 0
     for batch in micro_batches:
         batch = batch.to(device)

@@ -56,6 +56,28 @@ def test_plan_is_deterministic_and_covers_each_row_once_per_epoch():
     assert sorted(rows) == sorted(list(range(10)) * 2)
 
 
+def test_a_fractional_epoch_counts_as_hf_trainer_does():
+    """ceil(epochs * batches per epoch): 900 rows in batches of 8 for 1.5 epochs are 170 steps (round() gave 169)."""
+    for epochs, steps in ((1.5, 170), (0.5, 57), (2.25, 255)):
+        assert len(plan_steps([5] * 900, LoopConfig(batch_size=8, epochs=epochs))) == steps
+    assert len(plan_steps([5] * 100, LoopConfig(batch_size=1, epochs=0.3))) == 30  # 100 * 0.3 is 30.000000000000004
+
+
+def test_the_reported_loss_is_the_mean_nll_even_when_position_0_is_labelled(tiny_dir):
+    """Position 0 predicts nothing: a label there (an empty prompt, through the library) counted in the step's
+    weight but not in its loss, so the reported loss was too small by that share."""
+    from minilora.loss import completion_loss
+
+    model, tok, examples = _model_and_examples(tiny_dir)
+    batch = collate(examples[:3], tok.pad_id, 512)
+    batch.labels[:, 0] = batch.input_ids[:, 0]  # as if the prompt were empty
+    terms = completion_loss(model, batch)
+    mean_nll = float(terms.nll_sum / terms.weight_sum)
+    model.zero_grad()
+    loss = accumulate_gradients(model, [batch], torch.device("cpu"), False)[0]
+    assert loss == pytest.approx(mean_nll, rel=1e-6)
+
+
 def _model_and_examples(tiny_dir, seed=0):
     torch.manual_seed(seed)
     model = load_model(tiny_dir).model
