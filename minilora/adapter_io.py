@@ -74,9 +74,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it: colleagues sharing a runs folder can read it
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it: colleagues sharing a runs folder can read it
         os.replace(tmp, path)
     except Exception as err:  # a full disk is safetensors' SafetensorError or torch's RuntimeError
         if isinstance(err, OSError) and err.filename:
@@ -86,12 +84,30 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (os.umask(0) would open a moment in
+    which other threads create world-writable files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # its Rust `tempfile` names: .tmpIjBLFG
+
+
 def _remove_abandoned_temporaries(folder: Path) -> None:
     """safetensors (0.8) writes through its own hidden `.tmpXXXXXX` beside the target, which a kill leaves
     behind for good (model-sized in an export's folder): remove those old enough to be nobody's write."""
     for leftover in folder.glob(".tmp*"):
         try:
-            if leftover.is_file() and time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S:
+            if (SAFETENSORS_TEMPORARY.fullmatch(leftover.name) and leftover.is_file()
+                    and time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S):
                 leftover.unlink()
         except OSError:  # removed meanwhile
             pass

@@ -107,11 +107,16 @@ def _download_from_hub(repo_id: str) -> Path:
             "(gemma-3-270m, smollm2-135m-instruct)"
         ) from err
     lacking = _missing_files(fetched)
-    if lacking:  # with the Hub unreachable, snapshot_download falls back to the cached snapshot, as it is
+    if lacking and "partly" in missing:  # the cached part came back as it was: the Hub was not reached
         raise CheckpointError(
-            f"model {repo_id!r} is only partly in the local Hugging Face cache ({fetched}: no "
-            f"{', '.join(lacking[:3])}) and could not be completed from the Hub; download it where the Hub is "
-            "reachable, pass a local folder, or use a packaged model (gemma-3-270m, smollm2-135m-instruct)"
+            f"model {repo_id!r} {missing} ({fetched}) and could not be completed from the Hub (unreachable, or "
+            "the repository lacks them); download it where the Hub is reachable, pass a local folder, or use a "
+            "packaged model (gemma-3-270m, smollm2-135m-instruct)"
+        )
+    if lacking:  # downloaded, and the repository has no such file (e.g. only tokenizer.model, or .bin weights)
+        raise CheckpointError(
+            f"model {repo_id!r}: the repository has no {', '.join(lacking[:3])}; minilora reads config.json, "
+            "tokenizer.json (a fast tokenizer) and safetensors weights"
         )
     return fetched
 

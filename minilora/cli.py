@@ -97,8 +97,8 @@ def _sigterm_as_interrupt():
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler not set from Python (an embedding program), which cannot be put back
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _raise_interrupt(signum, frame):

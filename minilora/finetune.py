@@ -28,7 +28,7 @@ from .quant import quantize_module_nf4
 from .recompute import CHECKPOINT_POLICIES
 from .report import atomic_write
 from .scoring import label_logprobs, predict_labels
-from .run_folder import check_output_dir, check_same_data, prepare_output_dir
+from .run_folder import check_output_dir, check_same_data, prepare_output_dir, prompt_fingerprint
 from .run_state import RunError
 from .tokenizer import Tokenizer
 from .trainer import LoopConfig, train
@@ -213,7 +213,8 @@ def _run(cfg: RunConfig, log, held: ExitStack) -> dict:
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)  # may refuse the split
     out = prepare_output_dir(cfg, held)  # nothing was written before this point
     # cwd: where relative paths start from, so that a --resume from another folder compares the same files
-    atomic_write(out / "run_config.json", json.dumps({**asdict(cfg), "cwd": os.getcwd()}, indent=2, default=str))
+    saved = {**asdict(cfg), "cwd": os.getcwd(), "prompt_sha256": prompt_fingerprint(cfg.prompt_template)}
+    atomic_write(out / "run_config.json", json.dumps(saved, indent=2, default=str))
     atomic_write(out / "data_info.json", json.dumps(asdict(splits.info), indent=2, default=str))
 
     seed_everything(cfg.seed)  # adapters are initialised from this seed whatever loading consumed

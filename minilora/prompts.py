@@ -87,15 +87,28 @@ class PromptFormatter:
         return self.label_ids
 
     def _label_tokens(self, label: str) -> list[int]:
-        """The label's tokens as they follow the prompt: ' positive' after '=', 'positive' after the turn
-        header. Tokenized after a sample prompt and cut off from it, because a tokenizer that prepends '▁'
-        to every text it encodes (Llama 2's) would give ['▁▁', 'positive'] for ' positive' alone."""
-        answer = label if self.chat else " " + label
+        """The label's tokens as they follow the prompt: ' positive' after '=', and after the turn header
+        whatever the template writes before an answer (Llama 2's ' ' after [/INST]). Tokenized after a
+        sample prompt and cut off from it, because a tokenizer that prepends '▁' to every text it encodes
+        (Llama 2's) would give ['▁▁', 'positive'] for ' positive' alone."""
+        answer = self._chat_answer(label) if self.chat else " " + label
         prompt = self.tokenizer.encode(self.prompt_text("x"), add_special_tokens=False)
         together = self.tokenizer.encode(self.prompt_text("x") + answer, add_special_tokens=False)
         if together[: len(prompt)] == prompt and len(together) > len(prompt):
             return together[len(prompt):]
         return self.tokenizer.encode(answer, add_special_tokens=False)  # merged across the boundary: alone
+
+    def _chat_answer(self, label: str) -> str:
+        """The text between the generation prompt and the label's end in a rendered assistant turn: the
+        label, plus what the template puts before it (' positive' in Llama 2's '[/INST] positive </s>')."""
+        user = [{"role": "user", "content": self.template.replace("{text}", "x")}]
+        header = self.tokenizer.apply_chat_template(user, add_generation_prompt=True)
+        turn = self.tokenizer.apply_chat_template(user + [{"role": "assistant", "content": label}],
+                                                  add_generation_prompt=False)
+        if not turn.startswith(header) or label not in turn[len(header):]:
+            return label  # a template that renders the turn otherwise: the label as it is
+        rest = turn[len(header):]
+        return rest[: rest.index(label) + len(label)]
 
     def prompt_text(self, text: str) -> str:
         if "\n" in text or "\r" in text:  # the template promises one line of text before the answer

@@ -5,6 +5,7 @@ settings and data) and replaced only with --overwrite; one process at a time tra
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from tempfile import TemporaryFile
 from typing import TYPE_CHECKING
 
 from . import data as data_mod
+from .prompts import load_template
 from .run_state import RunError
 
 if TYPE_CHECKING:
@@ -61,6 +63,10 @@ def check_output_dir(cfg: RunConfig) -> Path:
         if changed:
             raise RunError(f"--resume: settings differ from the run in {out}: "
                            + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        # the same template path may hold another text now (edited, or read otherwise by a newer minilora)
+        if previous.get("prompt_sha256") not in (None, prompt_fingerprint(cfg.prompt_template)):
+            raise RunError(f"--resume: the prompt template's text differs from the one the run in {out} started "
+                           f"with ({cfg.prompt_template or 'the default template'}); restore it, or start another run")
     elif _own_files_aside(out):
         if not cfg.overwrite:
             raise RunError(f"{out} already holds files (another run?); pass --resume to continue it or "
@@ -73,6 +79,11 @@ def check_output_dir(cfg: RunConfig) -> Path:
                 raise RunError(f"--overwrite empties {out}, and {flag} {value} is inside it; move it out of the "
                                "folder or choose another --output-dir")
     return out
+
+
+def prompt_fingerprint(template_file: str | None) -> str:
+    """sha256 of the template text as the prompts use it (run_config.json's prompt_sha256)."""
+    return hashlib.sha256(load_template(template_file).encode("utf-8")).hexdigest()
 
 
 def check_same_data(out: Path, info: data_mod.DataInfo) -> None:

@@ -4,6 +4,7 @@ not at all, read back with the weights-only unpickler, and found again after a c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -80,7 +81,7 @@ def _write_checkpoint(tmp: Path, model: CausalLM, optimizer: torch.optim.Optimiz
     with (tmp / STATE_FILE).open("wb") as f:
         f.write(buffer.getbuffer())
     for path in tmp.iterdir():  # a power loss after the swap must not find zero-length files
-        with path.open("rb") as f:
+        with path.open("r+b") as f:  # Windows' FlushFileBuffers needs write access
             os.fsync(f.fileno())
     _fsync_folder(tmp)
 
@@ -99,10 +100,9 @@ def load_state(folder: Path) -> dict:
     """A checkpoint's training state, read with torch's weights-only unpickler (tensors and plain types,
     plus the numpy arrays of checkpoints written before the numpy RNG state was saved as a tensor)."""
     path = folder / STATE_FILE
-    torch.serialization.add_safe_globals(
-        [np.array(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))])
     try:
-        state = torch.load(path, weights_only=True)
+        with _numpy_of_older_checkpoints():
+            state = torch.load(path, weights_only=True)
         missing = [key for key in ("step", "optimizer", "rng", "adapter", "best") if key not in state]
     except Exception as err:  # empty, cut short or garbage: a power loss or a full disk during the write
         raise RunError(f"{path} is unreadable ({_why_unreadable(path, err)}); delete {folder} and --resume "
@@ -111,6 +111,19 @@ def load_state(folder: Path) -> dict:
         raise RunError(f"{path} holds no training state ({', '.join(missing)} missing); delete {folder} and "
                        "--resume restarts the run from step 0")
     return state
+
+
+def _numpy_of_older_checkpoints():
+    """The numpy types an older checkpoint's RNG state pickled, allowed for this load only (torch's
+    add_safe_globals would allow them in the user's own torch.load calls too), under numpy 2's and
+    numpy 1's module names: a run checkpointed under numpy 1 resumes under numpy 2."""
+    reconstruct = np.array(0).__reduce__()[0]
+    allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+               type(np.dtype(np.uint32))]
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
+        return torch.serialization.safe_globals(allowed)
+    torch.serialization.add_safe_globals(allowed)
+    return contextlib.nullcontext()
 
 
 def _why_unreadable(path: Path, err: Exception) -> str:

@@ -509,17 +509,19 @@ def test_adapter_files_take_the_umask_mode_and_old_hidden_temporaries_go(tmp_pat
     model = hf_model(FAMILIES["llama"]())
     inject_adapters(model, LoraConfig(r=4, alpha=8))
     (tmp_path / "a").mkdir()
-    old, fresh = tmp_path / "a" / ".tmpKilled", tmp_path / "a" / ".tmpWriting"
-    old.write_bytes(b"\0" * 10)
-    fresh.write_bytes(b"\0" * 10)
-    os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    old, fresh, users = tmp_path / "a" / ".tmpKilled", tmp_path / "a" / ".tmpWrites", tmp_path / "a" / ".tmp_notes.md"
+    for path in (old, fresh, users):
+        path.write_bytes(b"\0" * 10)
+    for path in (old, users):  # the user's own file is not safetensors' temporary, however old
+        os.utime(path, (time.time() - 2 * 3600, time.time() - 2 * 3600))
     umask = os.umask(0o022)
     try:
         save_adapter(model, tmp_path / "a")
     finally:
         os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
-    assert modes == {"adapter_model.safetensors": 0o644, "adapter_config.json": 0o644, ".tmpWriting": 0o644}
+    assert modes == {"adapter_model.safetensors": 0o644, "adapter_config.json": 0o644, ".tmpWrites": 0o644,
+                     ".tmp_notes.md": 0o644}
 
 
 def test_a_write_that_fails_inside_safetensors_names_the_file(tmp_path, monkeypatch):

@@ -178,9 +178,24 @@ def test_a_partly_cached_hub_id_is_completed_from_the_hub_or_named_offline(llama
     # the Hub unreachable and HF_HUB_OFFLINE unset: snapshot_download hands back the cached part as it is
     (snapshot / "model.safetensors").unlink()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(snapshot))
-    with pytest.raises(CheckpointError, match=r"only partly in the local Hugging Face cache \(.*: no "
-                                              r"model.safetensors\) and could not be completed from the Hub"):
+    with pytest.raises(CheckpointError, match=r"only partly in the local Hugging Face cache \(no "
+                                              r"model.safetensors\) .* and could not be completed from the Hub"):
         resolve_checkpoint("tiny-org/tiny-llama")  # was "<snapshot>: no model.safetensors" at load time
+
+    # nothing cached, the Hub reached, and the repository has no fast tokenizer: not a cache problem
+    shutil.rmtree(tmp_path / "hub")
+    fetched = tmp_path / "fetched"
+    shutil.copytree(llama_dir[0], fetched)
+    (fetched / "tokenizer.json").unlink()
+    def hub_without_tokenizer_json(repo_id, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise FileNotFoundError("not cached")  # as LocalEntryNotFoundError
+        return str(fetched)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_without_tokenizer_json)
+    with pytest.raises(CheckpointError, match=r"'tiny-org/tiny-llama': the repository has no tokenizer.json; "
+                                              r"minilora reads config.json, tokenizer.json \(a fast tokenizer\)"):
+        resolve_checkpoint("tiny-org/tiny-llama")
 
 
 @pytest.mark.parametrize("tied", [True, False])

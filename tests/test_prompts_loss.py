@@ -154,13 +154,17 @@ def _legacy_sentencepiece_folder(folder):
 
     from tokenizers import Tokenizer as HFTokenizer, models, normalizers
 
-    pieces = ["<unk>", "<s>", "</s>"] + [c for c in "abcdefghijklmnopqrstuvwxyz=[]."] + ["▁"]
+    pieces = ["<unk>", "<s>", "</s>"] + [c for c in "abcdefghijklmnopqrstuvwxyzINST=[]./"] + ["▁"]
     vocab = [(p, -3.0) for p in pieces] + [("▁▁", -1.0), ("positive", -1.0), ("▁positive", -1.5),
                                             ("negative", -1.0), ("▁negative", -1.5)]
     tok = HFTokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.add_special_tokens(["</s>"])
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    llama2_chat = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                   "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "chat_template": llama2_chat}))
     return Tokenizer(folder)
 
 
@@ -173,6 +177,16 @@ def test_label_tokens_are_those_that_follow_the_prompt_in_one_encoding(tmp_path)
         together = tok.encode(fmt.prompt_text("ab") + " " + label, add_special_tokens=False)
         assert together[: len(prompt)] == prompt and fmt.label_ids[label] == together[len(prompt):]
         assert [tok.token(i) for i in fmt.label_ids[label]] == [f"▁{label}"]  # was ['▁▁', label]
+    # Llama 2's chat template writes ' positive' after '[/INST]': the label is that, not a piece of ']positive'
+    chat = PromptFormatter(tok, template="{text}", chat=True, labels=("positive", "negative"))
+    user = [{"role": "user", "content": "ab"}]
+    header = tok.encode(tok.apply_chat_template(user), add_special_tokens=False)
+    for label in chat.labels:
+        turn = tok.apply_chat_template(user + [{"role": "assistant", "content": label}], add_generation_prompt=False)
+        ids = tok.encode(turn, add_special_tokens=False)
+        assert ids[: len(header)] == header and chat.label_ids[label] == ids[len(header): len(header) + 1]
+        assert [tok.token(i) for i in chat.label_ids[label]] == [f"▁{label}"]
+    assert tok.token(chat.stop_id) == "</s>"
 
 
 def test_a_template_files_trailing_newline_and_spaces_are_dropped(tmp_path):

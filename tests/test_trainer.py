@@ -279,6 +279,20 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tiny_dir, tiny_csv, tmp_pat
     assert data.is_file() and template.is_file() and (out / "adapter").is_dir()
 
 
+def test_resume_refuses_a_prompt_template_whose_text_changed(tiny_dir, tiny_csv, tmp_path):
+    """Same path, other text: the rest of the run would train on other prompts than its first steps."""
+    template = tmp_path / "template.txt"
+    template.write_text("w1 [{text}] =")
+    out = tmp_path / "run"
+    settings = dict(max_steps=1, eval_every=0, save_every=0, prompt_template=str(template))
+    run(_cfg(tiny_dir, tiny_csv, out, **settings), log=lambda line: None)
+    template.write_text("w1 [{text}] =\n")  # an editor's newline: read as the same text
+    run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)
+    template.write_text("w2 [{text}] =")
+    with pytest.raises(RunError, match=r"--resume: the prompt template's text differs from the one the run in"):
+        run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)
+
+
 def test_bad_paths_are_refused_naming_the_flag_before_the_model_loads(tiny_dir, tiny_csv, tmp_path, monkeypatch):
     import importlib
 
@@ -663,6 +677,36 @@ def test_a_checkpoint_of_an_older_version_still_resumes_exactly(tiny_dir, tiny_c
     assert all(torch.equal(resumed[key], full[key]) for key in full)
 
 
+def test_an_older_state_under_numpy_1_names_loads_and_allows_numpy_for_that_load_only(tmp_path):
+    """A checkpoint of an older version pickled the numpy RNG key as an array, under numpy 1's module name
+    when written with numpy 1; allowing numpy for it must not allow it in the user's own torch.load calls."""
+    import io
+
+    import numpy as np
+
+    from minilora.run_state import load_state
+
+    def users_own_load() -> str:
+        buffer = io.BytesIO()
+        torch.save({"array": np.arange(3, dtype=np.uint32)}, buffer)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, weights_only=True)
+            return "loaded"
+        except Exception:  # torch's UnpicklingError: numpy is not allowed by default
+            return "refused"
+
+    state = {"step": 1, "optimizer": {}, "adapter": {}, "best": {}, "rng": {"numpy": np.random.get_state()}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer, _use_new_zipfile_serialization=False)  # one pickle: its names can be edited
+    assert b"numpy._core.multiarray" in buffer.getvalue()
+    (tmp_path / STATE_FILE).write_bytes(buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    before = users_own_load()
+    keys = load_state(tmp_path)["rng"]["numpy"][1]
+    assert np.array_equal(keys, state["rng"]["numpy"][1])
+    assert before == users_own_load() == "refused"
+
+
 class Evil:
     """Any object a training state never holds: only torch's full unpickler would build it."""
 
@@ -848,3 +892,25 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
         with pytest.raises(RunError, match=rf"--output-dir {out}: cannot write in {folder} \("):
             run(_cfg(tiny_dir, tiny_csv, out), log=lambda line: None)
     folder.chmod(0o755)
+
+
+def test_sigterm_handling_ends_with_the_default_when_the_previous_handler_was_not_pythons(monkeypatch):
+    """signal.signal returns None for a handler an embedding program set: putting None back raised TypeError."""
+    import signal
+
+    from minilora.cli import _sigterm_as_interrupt
+
+    real, installed = signal.signal, []
+
+    def recording(signum, handler):
+        installed.append(handler)
+        previous = real(signum, handler)
+        return None if len(installed) == 1 else previous
+
+    monkeypatch.setattr(signal, "signal", recording)
+    try:
+        with _sigterm_as_interrupt():
+            pass
+    finally:
+        real(signal.SIGTERM, signal.SIG_DFL)
+    assert installed[-1] is signal.SIG_DFL
