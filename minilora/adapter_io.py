@@ -50,6 +50,7 @@ from .lora import (
     lora_modules,
 )
 from .quant import NF4Linear
+from .report import current_umask
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft's key prefix: PeftModel.base_model (LoraModel).model
@@ -74,7 +75,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(str(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it: colleagues sharing a runs folder can read it
+        os.chmod(tmp, 0o666 & ~current_umask())  # as open() creates files: others sharing a runs folder read it
         os.replace(tmp, path)
     except Exception as err:  # a full disk is safetensors' SafetensorError or torch's RuntimeError
         if isinstance(err, OSError) and err.filename:
@@ -82,20 +83,6 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise OSError(f"{path}: cannot write it ({type(err).__name__}: {err}); is the disk full?") from err
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    """The process's umask, read without setting it where Linux shows it (os.umask(0) would open a moment in
-    which other threads create world-writable files)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # its Rust `tempfile` names: .tmpIjBLFG

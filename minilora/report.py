@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,8 +21,16 @@ from pathlib import Path
 import numpy as np
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+def current_umask() -> int:
+    """The process's umask, read without setting it where Linux shows it: os.umask(0), the only other way,
+    opens a moment in which other threads create world-writable files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -33,7 +42,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a report is as readable as any file
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only; a report is as readable as any file
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -71,7 +80,9 @@ def predictions_csv(
     parsed from, when given: it shows what an invalid answer said) and logprob_<label> per label
     (csv-module quoting)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    # RFC 4180's \r\n: the csv module quotes only fields holding a line terminator's characters, so with
+    # "\n" a text with a lone \r went out unquoted, and readers split its row in two
+    writer = csv.writer(buffer, lineterminator="\r\n")
     names = list(logprobs or {})
     extra = ["generated"] if generated is not None else []
     writer.writerow(["text", "gold", "predicted"] + extra + [f"logprob_{label}" for label in names])
@@ -211,12 +222,16 @@ def write_report(
     }
     out = Path(out_dir)
     table = predictions_csv(texts, gold, predicted, columns, generated)
-    return {
+    written = {
         "report": atomic_write(out / "report.json", json.dumps(report, indent=2, default=str) + "\n"),
         "predictions": atomic_write(out / "predictions.csv", table),
-        "confusion_matrix": atomic_write(out / "confusion_matrix.png", plot_confusion_matrix(metrics, run_name)),
-        "summary": atomic_write(out / "summary.md", summary_markdown(report)),
     }
+    try:
+        written["confusion_matrix"] = atomic_write(out / "confusion_matrix.png", plot_confusion_matrix(metrics, run_name))
+    except ImportError as err:  # a broken matplotlib costs the picture, not the evaluation
+        print(f"note: no confusion_matrix.png in {out} (matplotlib: {err})", file=sys.stderr)
+    written["summary"] = atomic_write(out / "summary.md", summary_markdown(report))
+    return written
 
 
 def _as_metrics(run: dict) -> tuple[dict, float | None]:

@@ -14,7 +14,8 @@ from minilora.metrics import classification_metrics
 from minilora.report import atomic_write, comparison_table, write_report
 
 LABELS = ["positive", "neutral", "negative"]
-TEXTS = ['Profit rose, "sharply" .', "Sales flat ; outlook 'unclear'", "Loss\nwidened , again", "Ok"]
+# a lone \r (kept by the CSV / JSONL readers) went out unquoted and split its row in two
+TEXTS = ['Profit rose, "sharply" .', "Sales flat ; outlook 'unclear'", "Loss\nwidened , again", "Ok\rthen"]
 GOLD = ["positive", "neutral", "negative", "neutral"]
 PRED = ["positive", "neutral", "neutral", "maybe"]
 
@@ -135,3 +136,14 @@ def test_reports_are_as_readable_as_any_file_the_umask_allows(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600
+
+
+def test_a_broken_matplotlib_costs_the_picture_only(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # importing it raises ImportError
+    metrics = classification_metrics(GOLD, PRED, LABELS)
+    paths = write_report(tmp_path, "run", metrics, TEXTS, GOLD, PRED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv", "report.json", "summary.md"]
+    assert set(paths) == {"report", "predictions", "summary"}
+    assert "note: no confusion_matrix.png" in capsys.readouterr().err
