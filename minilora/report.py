@@ -227,7 +227,8 @@ def write_report(
         "predictions": atomic_write(out / "predictions.csv", table),
     }
     try:
-        written["confusion_matrix"] = atomic_write(out / "confusion_matrix.png", plot_confusion_matrix(metrics, run_name))
+        picture = plot_confusion_matrix(metrics, run_name)
+        written["confusion_matrix"] = atomic_write(out / "confusion_matrix.png", picture)
     except ImportError as err:  # a broken matplotlib costs the picture, not the evaluation
         print(f"note: no confusion_matrix.png in {out} (matplotlib: {err})", file=sys.stderr)
     written["summary"] = atomic_write(out / "summary.md", summary_markdown(report))
