@@ -21,6 +21,7 @@ from .lora import lora_modules, merge_adapters, remove_adapters
 from .prompts import load_template
 from .quant import dequantize_nf4
 from .report import atomic_write, comparison_table
+from .run_folder import prompt_fingerprint
 
 
 @dataclass
@@ -53,6 +54,50 @@ class EvalConfig:
     dtype: str = opt("auto", "auto, fp32 or bf16")
 
 
+# settings of a training run that change what an evaluation of its adapter means
+PROMPT_SETTINGS = ("labels", "prompt_format", "qlora")
+
+
+def check_against_training_run(adapter_dir: str, cfg: EvalConfig, examples: list, log) -> None:
+    """An adapter that train.py wrote (<run>/adapter or <run>/best, beside run_config.json): refuse to
+    evaluate it on rows it was trained on (another --seed, --split-protocol or --data than the run's makes
+    another split), and note prompt settings that differ from the run's."""
+    run_dir = Path(adapter_dir).resolve().parent
+    try:
+        run = json.loads((run_dir / "run_config.json").read_text())
+    except (OSError, ValueError):  # not a training run's folder (a peft adapter), or an unreadable record
+        return
+    for key in PROMPT_SETTINGS:
+        if key in run and run[key] != getattr(cfg, key):
+            log(f"note: {adapter_dir} was trained with --{key.replace('_', '-')} {run[key]!r}, this evaluation "
+                f"uses {getattr(cfg, key)!r}")
+    if run.get("prompt_sha256") not in (None, prompt_fingerprint(cfg.prompt_template)):
+        log(f"note: {adapter_dir} was trained with another prompt template text than this evaluation's "
+            f"({cfg.prompt_template or 'the default template'})")
+    if cfg.split == "train":  # asked for
+        return
+    data = run.get("data")
+    if data is not None and not Path(data).is_absolute():
+        data = str(Path(run.get("cwd", ".")) / data)
+    try:
+        trained = data_mod.load_dataset(
+            data, agreement=run.get("agreement", "50"), protocol=run.get("split_protocol", "seed"),
+            train_per_class=run.get("train_per_class", 300), test_per_class=run.get("test_per_class", 300),
+            seed=run.get("seed", 42), labels=data_mod.parse_label_set(run.get("labels", cfg.labels)),
+            skip_bad_rows=run.get("skip_bad_rows", False)).train
+    except (ValueError, OSError) as err:  # the run's data moved, or no Hub: say what could not be checked
+        log(f"note: could not rebuild the training split of {adapter_dir} to check that no evaluated row is "
+            f"in it ({err})")
+        return
+    texts = {example.text for example in trained}
+    overlap = sum(example.text in texts for example in examples)
+    if overlap:
+        raise ValueError(
+            f"{overlap} of the {len(examples)} {cfg.split} rows are training rows of {adapter_dir}, whose run "
+            f"split its data with --split-protocol {run.get('split_protocol')} --seed {run.get('seed')} "
+            f"(data {run.get('data')}); evaluate with the run's settings (see {run_dir / 'run_config.json'})")
+
+
 def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     if not cfg.adapter and not cfg.baseline:
         raise ValueError("nothing to evaluate: give --adapter DIR and/or keep --baseline")
@@ -75,12 +120,16 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     examples = subset_rows(examples, cfg.limit, cfg.seed)
     if not examples:
         raise ValueError(f"the {cfg.split} split is empty")
+    for adapter_dir in cfg.adapter:
+        check_against_training_run(adapter_dir, cfg, examples, log)
     loaded, tokenizer = build_model(cfg.model, device, dtype, cfg.qlora)
     model = loaded.model
     formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)
     out = Path(cfg.output_dir)
-    meta = {"model": cfg.model, "split": cfg.split, "split_protocol": splits.info.protocol, "seed": cfg.seed,
-            "rows": len(examples), "prompt_format": "chat" if formatter.chat else "plain", "int8": cfg.int8}
+    meta = {"model": cfg.model, "data": cfg.data, "labels": list(splits.info.labels), "split": cfg.split,
+            "split_protocol": splits.info.protocol, "seed": cfg.seed, "rows": len(examples), "limit": cfg.limit,
+            "prompt_format": "chat" if formatter.chat else "plain", "prompt_template": cfg.prompt_template,
+            "int8": cfg.int8}
     log(f"evaluating {len(examples)} {cfg.split} rows of {cfg.model} with method {cfg.method!r}"
         + (" and int8 projections" if cfg.int8 else ""))
 

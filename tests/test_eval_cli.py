@@ -138,8 +138,12 @@ def test_an_adapter_folder_named_baseline_does_not_replace_the_baseline(setup, t
 
 
 def test_reports_record_the_split_protocol_used(setup, tmp_path):
-    run_comparison(_cfg(setup, tmp_path / "out"), **QUIET)  # the CSV's own split column
-    assert json.loads((tmp_path / "out" / "plain" / "report.json").read_text())["meta"]["split_protocol"] == "given"
+    run_comparison(_cfg(setup, tmp_path / "out", limit=4), **QUIET)  # the CSV's own split column
+    meta = json.loads((tmp_path / "out" / "plain" / "report.json").read_text())["meta"]
+    assert meta["split_protocol"] == "given"
+    # and what else decides the rows and the prompts, so that a report shows what produced it
+    assert (meta["data"], meta["labels"], meta["limit"], meta["prompt_template"]) == (
+        str(setup[1]), ["positive", "neutral", "negative"], 4, None)
 
 
 def test_generate_method_reports_invalid_answers(setup, tmp_path):
@@ -302,3 +306,28 @@ def test_predict_cli_prints_label_and_probabilities(setup, capsys):
     assert list(json.loads(capsys.readouterr().out)["probabilities"]) == ["positive", "negative"]
     assert main(["--model", str(folder), "--labels", "positive,positive", "w1 w2"]) == 2
     assert "--labels: found 'positive,positive'" in capsys.readouterr().err
+
+
+def test_an_adapter_is_not_evaluated_on_the_rows_its_run_trained_on(setup, tmp_path):
+    """eval.py's defaults (--seed 42, the seed protocol) split another run's data otherwise: 28 of 45 "test"
+    rows were a probe's adapter's training rows, with no word said."""
+    import json
+    import shutil
+
+    folder, _, adapters, _ = setup
+    data = tmp_path / "unsplit.csv"
+    data.write_text("text,label\n" + "".join(f"w{i} w{i + 30},{('positive', 'neutral', 'negative')[i % 3]}\n"
+                                             for i in range(24)))
+    run = tmp_path / "run"
+    shutil.copytree(adapters["plain"], run / "adapter")
+    (run / "run_config.json").write_text(json.dumps({
+        "data": data.name, "cwd": str(tmp_path), "split_protocol": "standard", "seed": 7, "agreement": "50",
+        "train_per_class": 300, "test_per_class": 300, "labels": "positive,neutral,negative",
+        "skip_bad_rows": False, "prompt_format": "plain", "qlora": False}))
+    settings = dict(data=str(data), adapter=[str(run / "adapter")], split_protocol="standard", baseline=False)
+    with pytest.raises(ValueError, match=r"of the 6 test rows are training rows of .*run/adapter, whose run split "
+                                         r"its data with --split-protocol standard --seed 7"):
+        run_comparison(_cfg(setup, tmp_path / "out", **settings), **QUIET)
+    lines = []
+    run_comparison(_cfg(setup, tmp_path / "out", seed=7, **settings), log=lines.append)  # the run's own split
+    assert any("was trained with --prompt-format 'plain', this evaluation uses 'auto'" in line for line in lines)
