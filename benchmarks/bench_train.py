@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, int_at_least, log, machine_label,
+from common import (DEFAULT_DATA, TARGETS, MatmulProbe, environment, float_in, int_at_least, log, machine_label,
                     malloc_in_use,
                     markdown_table, median, peak_rss_mb, reference_stack_missing, run_worker, set_threads, step_flops,
                     supervised_positions, write_json)
@@ -62,13 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int_at_least(1), default=256,
                    help="longest prompt + answer allowed, a guard only: rows are never truncated and batches are "
                         "padded to their longest row (5 gemma rows are 129-138 tokens)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the lr_at schedule")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="lr warm-up fraction of --steps")
-    p.add_argument("--weight-decay", type=float, default=0.001)
-    p.add_argument("--max-grad-norm", type=float, default=0.3, help="gradient clipping (0: none)")
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=2e-4,
+                   help="peak learning rate of the lr_at schedule")
+    p.add_argument("--warmup-ratio", type=float_in(0, 1), default=0.03, help="lr warm-up fraction of --steps")
+    p.add_argument("--weight-decay", type=float_in(0), default=0.001)
+    p.add_argument("--max-grad-norm", type=float_in(0), default=0.3, help="gradient clipping (0: none)")
     p.add_argument("--lora-r", type=int_at_least(1), default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-alpha", type=float_in(0, low_open=True), default=32.0)
+    p.add_argument("--lora-dropout", type=float_in(0, 1, high_open=True), default=0.05)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"], help="as train.py")
     p.add_argument("--configs", default=None,
                    help="comma-separated minilora configurations, each run against the same reference: a "
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="intra-op threads for both stacks (default: torch's)")
-    p.add_argument("--matmul-seconds", type=float, default=0.4,
+    p.add_argument("--matmul-seconds", type=float_in(0, low_open=True), default=0.4,
                    help="duration of each fp32 matmul rate probe (one before the first step, one after every step)")
     p.add_argument("--malloc", default="cli", choices=MALLOC_CHOICES,
                    help="cli: minilora on the malloc train.py restarts on (tcmalloc when installed, see "
@@ -103,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.configs = [parse_config(c.strip(), p) for c in args.configs.split(",") if c.strip()]
     if not args.configs:
         p.error("--configs: no configuration given")
+    if len(set(args.configs)) < len(args.configs):  # runs are kept by label: a repeat would merge into one row
+        p.error("--configs: a configuration is repeated; use --rounds for more runs of one")
     return args
 
 
@@ -396,15 +399,23 @@ def main(argv=None) -> int:
     jobs = [(config_label(c), "minilora", c) for c in args.configs if "minilora" in stacks]
     jobs += [("reference", "reference", None)] if "reference" in stacks else []
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in jobs}
+    failed = None  # the reference's failure: minilora's figures are still reported, and the exit code says it
     for round_index in range(args.rounds):
         for label, stack, config in jobs:
+            if stack == "reference" and failed:
+                continue
             log(f"round {round_index + 1}/{args.rounds}: {label}")
             try:
                 runs[label].append(run_worker(Path(__file__), worker_argv(args, stack, config),
                                               worker_env(args.malloc, stack)))
             except RuntimeError as err:  # the worker printed its own error / traceback on stderr
                 log(f"error: {err}")
-                return 2
+                if stack != "reference":
+                    return 2
+                failed = skipped = f"failed: {err}"
+    runs = {label: label_runs for label, label_runs in runs.items() if label_runs}
+    if not runs:
+        return 2
 
     threads = next(iter(runs.values()))[0]["threads"]
     results = {label: summarize(label_runs, args.warmup) for label, label_runs in runs.items()}
@@ -412,7 +423,7 @@ def main(argv=None) -> int:
     print(text, flush=True)
     write_json(args.json, {"args": vars(args), "environment": environment(), "summary": results,
                            "report": text, "runs": runs, "reference_skipped": skipped})
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the peak RSS a worker reports (`ru_maxrss`, which Linux carries across fork + ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -39,6 +40,24 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, found {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """An argparse `type`: a number in [low, high] (( or ) where open), else argparse's one-line error,
+    before any worker loads a model."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < value if low_open else low <= value) or not (value < high if high_open else value <= high):
+            shown = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {shown}, found {value}")
         return value
 
     return parse
@@ -85,7 +104,8 @@ def run_worker(script: Path, args: list[str], env: dict[str, str] | None = None)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stdout.splitlines()[-20:])
-        raise RuntimeError(f"worker {' '.join(cmd[2:])} exited with {proc.returncode}; stdout tail:\n{tail}")
+        shown = f"; stdout tail:\n{tail}" if tail.strip() else " (its error is above, on stderr)"
+        raise RuntimeError(f"worker {' '.join(cmd[2:])} exited with {proc.returncode}{shown}")
     return json.loads(lines[-1])
 
 

@@ -117,3 +117,33 @@ def test_cpu_model_falls_back_when_cpuinfo_is_missing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(platform, "processor", lambda: "x86_64")
     assert _bench_common().cpu_model(tmp_path / "absent") == "x86_64"
+
+
+def test_benchmark_numbers_are_checked_before_any_worker_runs():
+    """--warmup-ratio 2 or --max-grad-norm -1 ran silently; --lora-dropout 1.5 failed in the worker, after loading."""
+    import argparse
+
+    float_in = _bench_common().float_in
+    assert float_in(0, 1)("0.5") == 0.5 and float_in(0)("1e9") == 1e9
+    for parse, text, message in ((float_in(0, 1), "2", r"must be in \[0, 1\], found 2.0"),
+                                 (float_in(0, 1, high_open=True), "1", r"must be in \[0, 1\), found 1.0"),
+                                 (float_in(0, low_open=True), "0", r"must be in \(0, inf\], found 0.0"),
+                                 (float_in(0), "x", r"'x' is not a number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
+
+
+def test_a_repeated_benchmark_configuration_is_refused(monkeypatch, capsys):
+    """Runs are kept by label: `--configs mlp,mlp` merged into one row that claimed twice the rounds."""
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("bench_train", folder / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_train", bench_train)
+    spec.loader.exec_module(bench_train)
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--configs", "mlp,selective,mlp"])
+    assert "--configs: a configuration is repeated" in capsys.readouterr().err
+    assert [c for c in bench_train.parse_args(["--configs", "mlp,mlp+share"]).configs] == [("mlp",), ("mlp", "share")]
