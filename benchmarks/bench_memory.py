@@ -188,7 +188,10 @@ def parameter_counts(model) -> dict[str, int]:
             linear += module.weight.numel()
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
-    return {"embedding": embedding, "block_linear": linear, "other": total - embedding - linear, "total": total}
+    head = model.lm_head.weight
+    untied_head = 0 if head is model.model.embed_tokens.weight else head.numel()
+    return {"embedding": embedding, "block_linear": linear, "lm_head": untied_head,
+            "other": total - embedding - linear - untied_head, "total": total, "vocab": head.shape[0]}
 
 
 def touch(torch, model) -> None:
@@ -390,11 +393,13 @@ def details(loads: list[dict], trains: list[dict], info: dict) -> list[str]:
     if "fp32" in ok:
         p = ok["fp32"]["params"]
         best_saving = (1 - 4.127 / 32) * p["block_linear"] / p["total"]
+        head = f"an untied LM head {p['lm_head'] / 1e6:.1f}M, " if p.get("lm_head") else ""
+        tying = "its own LM head beside it" if p.get("lm_head") else "tied with the LM head"
         out += ["", f"Parameters: {p['total'] / 1e6:.1f}M in all; embedding {p['embedding'] / 1e6:.1f}M "
-                f"({100 * p['embedding'] / p['total']:.0f}%, tied with the LM head), linear projections of the "
+                f"({100 * p['embedding'] / p['total']:.0f}%, {tying}), {head}linear projections of the "
                 f"transformer blocks {p['block_linear'] / 1e6:.1f}M ({100 * p['block_linear'] / p['total']:.0f}%), "
                 f"norms {p['other'] / 1e6:.2f}M. QLoRA quantizes only the block projections; the embedding "
-                f"stays in the compute dtype (quantizing it would also quantize the tied LM head), so NF4 can only "
+                f"stays in the compute dtype (and so does the LM head), so NF4 can only "
                 f"shrink the {4 * p['block_linear'] / MB:,.0f} MB of fp32 block weights, to about an eighth "
                 f"(~4.13 of 32 bits per weight with double quantization: "
                 f"{4.127 / 8 * p['block_linear'] / MB:,.0f} MB), never the {4 * p['embedding'] / MB:,.0f} MB "
@@ -412,7 +417,8 @@ def details(loads: list[dict], trains: list[dict], info: dict) -> list[str]:
                 f"(anon {r['touched_anon_growth_mb']:,.0f}, file {r['touched_file_growth_mb']:,.0f})."
                 + ("" if r["hwm_reset"] else " (high-water mark could not be reset: peak may include imports)")]
         if "tokenizer_peak_growth_mb" in r:
-            out.append(f"  build_model also loads the tokenizer (262k-token vocabulary): +"
+            vocab = f"{ok['fp32']['params']['vocab']:,}-token vocabulary" if "fp32" in ok else "its vocabulary"
+            out.append(f"  build_model also loads the tokenizer ({vocab}): +"
                        f"{r['tokenizer_peak_growth_mb']:,.0f} MB peak, +{r['tokenizer_after_growth_mb']:,.0f} MB "
                        f"kept, {r['tokenizer_seconds']:.1f} s; not included above.")
     if "fp32" in ok and "nf4" in ok:
