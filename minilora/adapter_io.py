@@ -236,8 +236,10 @@ def _dropout_p(module: LoRALinear) -> float:
     return module.lora_dropout.p if isinstance(module.lora_dropout, nn.Dropout) else 0.0
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors in peft's layout; returns the folder."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 state: dict[str, Tensor] | None = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors in peft's layout; returns the folder.
+    `state` (adapter_state_dict's keys) is written instead of the model's current adapter values."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = adapter_config_dict(model, base_model_name_or_path)
@@ -247,8 +249,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     # every adapter parameter of every variant: lora_A.weight, lora_B.weight, DoRA's lora_magnitude_vector
     # (peft's names), and whatever else a registered variant adds
     layout = MULTIMODAL_LAYOUT if _is_multimodal(model) else {}
-    tensors = {f"{PREFIX}{_rename(key, layout)}": value.cpu().contiguous()
-               for key, value in adapter_state_dict(model).items()}
+    current = adapter_state_dict(model)
+    if state is not None and set(state) != set(current):
+        raise ValueError(f"save_adapter: state has other keys than the model's adapters, e.g. "
+                         f"{sorted(set(state) ^ set(current))[:3]}")
+    tensors = {f"{PREFIX}{_rename(key, layout)}": value.detach().cpu().contiguous()
+               for key, value in (state or current).items()}
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(out / CONFIG_NAME, config)
     return out

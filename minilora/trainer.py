@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 
 from . import quant
 from .adapter_io import save_adapter
-from .lora import adapter_parameters
+from .lora import adapter_parameters, adapter_state_dict
 from .loss import completion_loss
 from .model import CausalLM
 from .prompts import Batch, TokenizedExample, collate, common_prefix_length
@@ -148,6 +149,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, best, loss_value = state["step"], state["best"], state.get("loss", float("nan"))
+        _restore_best(best, model, out_dir, base_model)
         elapsed_before = state.get("elapsed_s", 0.0)
         record, pending_validation = _checkpoint_record(state)
         metrics.truncate_after(start_step - 1 if record is not None else start_step)
@@ -220,7 +222,19 @@ def _validate_into(record: dict, model: CausalLM, validate: Callable[[CausalLM],
     if not _is_better(scores, best):
         return best
     save_adapter(model, out_dir / "best", base_model_name_or_path=base_model)
-    return {"step": record["step"], "accuracy": scores.get("accuracy"), "loss": scores.get("loss")}
+    # the tensors ride along in the checkpoints: a resume puts back the best/ of its own trajectory
+    adapter = {name: tensor.clone() for name, tensor in adapter_state_dict(model).items()}
+    return {"step": record["step"], "accuracy": scores.get("accuracy"), "loss": scores.get("loss"), "adapter": adapter}
+
+
+def _restore_best(best: dict, model: CausalLM, out_dir: Path, base_model: str | None) -> None:
+    """best/ as it was when the checkpoint was written. Steps after it may have saved another best/, and a
+    resume that does not repeat them bit for bit (another --device) would otherwise end with that one.
+    Checkpoints of older versions hold no best tensors: their best/ stays as it is."""
+    if best["step"] is None:
+        shutil.rmtree(out_dir / "best", ignore_errors=True)
+    elif "adapter" in best:
+        save_adapter(model, out_dir / "best", base_model_name_or_path=base_model, state=best["adapter"])
 
 
 def accumulate_gradients(model: CausalLM, micro_batches: list[Batch], device: torch.device,

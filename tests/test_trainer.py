@@ -914,3 +914,37 @@ def test_sigterm_handling_ends_with_the_default_when_the_previous_handler_was_no
     finally:
         real(signal.SIGTERM, signal.SIG_DFL)
     assert installed[-1] is signal.SIG_DFL
+
+
+def test_a_resume_puts_back_the_best_adapter_of_its_own_trajectory(tiny_dir, tiny_csv, tmp_path, monkeypatch):
+    """best/ written after the last checkpoint, by steps the resume redoes: when those steps do not repeat bit
+    for bit (another --device), best/ kept the discarded trajectory's adapter. Scripted scores stand in for
+    that difference: 0.9 at step 4 before the crash, 0.4 at step 4 after it."""
+    import minilora.finetune as finetune
+
+    settings = dict(max_steps=8, save_every=3, eval_every=2)
+
+    def scripted(scores):
+        calls = iter(scores)
+        return lambda *args, **kwargs: {"loss": 1.0, "accuracy": next(calls)}
+
+    monkeypatch.setattr(finetune, "validation_scores", scripted([0.5, 0.4, 0.45, 0.3]))
+    run(_cfg(tiny_dir, tiny_csv, tmp_path / "straight", **settings), log=lambda line: None)  # best: step 2
+
+    def crash_at_step_5(line):
+        if line.startswith("step 5/8"):
+            raise Crash
+
+    monkeypatch.setattr(finetune, "validation_scores", scripted([0.5, 0.9]))
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, tiny_csv, out, **settings), log=crash_at_step_5)
+    from safetensors.torch import load_file
+
+    interrupted_best = load_file(out / "best" / "adapter_model.safetensors")
+    monkeypatch.setattr(finetune, "validation_scores", scripted([0.4, 0.45, 0.3]))  # from step 4 on
+    run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)
+    straight = load_file(tmp_path / "straight" / "best" / "adapter_model.safetensors")
+    resumed = load_file(out / "best" / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[key], straight[key]) for key in straight)  # step 2's, as the run's record says
+    assert not all(torch.equal(resumed[key], interrupted_best[key]) for key in straight)
