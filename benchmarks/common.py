@@ -205,6 +205,9 @@ def step_flops(cfg, lengths: list[int], supervised: list[list[int]], r: int, tar
     last_layer_only_selected = sum(4 * a * b + (6 * r * (a + b) if name in targets else 0)
                                    for name, (a, b) in shapes.items() if name in OUTPUT_ONLY_IN_LAST_LAYER)
     body = tokens * per_token - (tokens - n_supervised) * last_layer_only_selected
+    if cfg.num_layers == 1:  # the first layer is the last: q's skipped input gradient was taken off twice
+        a, b = shapes["q_proj"]
+        body += (tokens - n_supervised) * (2 * a * b + (2 * r * a if "q_proj" in targets else 0))
     head = n_supervised * 4 * cfg.hidden_size * cfg.vocab_size
     return {"total": body + attention + head, "linear_and_lora": body, "attention": attention, "lm_head": head,
             "tokens_computed": tokens}

@@ -53,10 +53,13 @@ def _batch(lengths: list[int], vocab: int, share_prefix: int, answer_tokens: int
 
 @pytest.mark.parametrize("trailing", [0, 2])
 @pytest.mark.parametrize("share_prefix", [0, 4])
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "llama, one layer"])  # one layer: first and last at once
 def test_step_flops_equals_the_matmuls_a_step_runs(kind, share_prefix, trailing):
     common = _bench_common()
-    hf = hf_model(tiny_llama_config() if kind == "llama" else tiny_gemma_config())
+    config = tiny_gemma_config() if kind == "gemma3" else tiny_llama_config()
+    if kind == "llama, one layer":
+        config = tiny_llama_config(num_hidden_layers=1)
+    hf = hf_model(config)
     model = twin(hf)
     torch.manual_seed(0)
     inject_adapters(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=list(common.TARGETS)))
