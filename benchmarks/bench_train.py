@@ -117,7 +117,7 @@ def parse_config(text: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
                      f"modifiers from {tuple(MODIFIERS)}")
     if "once" in modifiers and "qlora" not in modifiers:
         parser.error(f"--configs: {text!r}: +once needs +qlora (it applies to NF4 weights)")
-    return (policy, *modifiers)
+    return (policy, *sorted(modifiers, key=list(MODIFIERS).index))  # one order: a repeat in another is seen
 
 
 def config_label(config: tuple[str, ...]) -> str:

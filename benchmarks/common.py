@@ -55,6 +55,8 @@ def float_in(low: float, high: float = math.inf, low_open: bool = False, high_op
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if not (low < value if low_open else low <= value) or not (value < high if high_open else value <= high):
             shown = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"must be in {shown}, found {value}")

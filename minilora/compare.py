@@ -6,6 +6,7 @@ with check_merge, merged and evaluated again: merging must not change prediction
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from .lora import lora_modules, merge_adapters, remove_adapters
 from .prompts import load_template
 from .quant import dequantize_nf4
 from .report import atomic_write, comparison_table
-from .run_folder import prompt_fingerprint
+from .run_folder import tokens_fingerprint
 
 
 @dataclass
@@ -54,48 +55,82 @@ class EvalConfig:
     dtype: str = opt("auto", "auto, fp32 or bf16")
 
 
-# settings of a training run that change what an evaluation of its adapter means
-PROMPT_SETTINGS = ("labels", "prompt_format", "qlora")
-
-
-def check_against_training_run(adapter_dir: str, cfg: EvalConfig, examples: list, log) -> None:
-    """An adapter that train.py wrote (<run>/adapter or <run>/best, beside run_config.json): refuse to
-    evaluate it on rows it was trained on (another --seed, --split-protocol or --data than the run's makes
-    another split), and note prompt settings that differ from the run's."""
+def _training_run(adapter_dir: str) -> tuple[Path, dict, dict] | None:
+    """(run folder, run_config.json, data_info.json) of an adapter that train.py wrote (<run>/adapter,
+    best or checkpoint); None for any other adapter folder (a peft one)."""
     run_dir = Path(adapter_dir).resolve().parent
     try:
         run = json.loads((run_dir / "run_config.json").read_text())
-    except (OSError, ValueError):  # not a training run's folder (a peft adapter), or an unreadable record
+    except (OSError, ValueError):
+        return None
+    try:
+        info = json.loads((run_dir / "data_info.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    return run_dir, run, info
+
+
+def check_against_training_run(adapter_dir: str, cfg: EvalConfig, examples: list, data_info, log) -> None:
+    """An adapter of a training run: refuse to evaluate it on rows it was trained on (another --seed,
+    --split-protocol or --data than the run's makes another split), and note settings that differ."""
+    found = _training_run(adapter_dir)
+    if found is None:
         return
-    for key in PROMPT_SETTINGS:
-        if key in run and run[key] != getattr(cfg, key):
+    run_dir, run, info = found
+    if data_mod.parse_label_set(run.get("labels", cfg.labels)) != data_info.labels:
+        log(f"note: {adapter_dir} was trained with the labels {run.get('labels')!r}, this evaluation uses "
+            f"{cfg.labels!r}")
+    for key in ("prompt_format", "qlora"):  # "auto" may or may not mean chat: the token check below tells
+        if run.get(key, getattr(cfg, key)) != getattr(cfg, key) and "auto" not in (run[key], getattr(cfg, key)):
             log(f"note: {adapter_dir} was trained with --{key.replace('_', '-')} {run[key]!r}, this evaluation "
                 f"uses {getattr(cfg, key)!r}")
-    if run.get("prompt_sha256") not in (None, prompt_fingerprint(cfg.prompt_template)):
-        log(f"note: {adapter_dir} was trained with another prompt template text than this evaluation's "
-            f"({cfg.prompt_template or 'the default template'})")
     if cfg.split == "train":  # asked for
         return
-    data = run.get("data")
-    if data is not None and not Path(data).is_absolute():
-        data = str(Path(run.get("cwd", ".")) / data)
+    if info.get("sha256") == data_info.sha256:  # the same file as this evaluation's, wherever it lies now
+        source = cfg.data
+    else:
+        source = run.get("data")
+        if source is not None and not Path(source).is_absolute():
+            source = str(Path(run.get("cwd", ".")) / source)
+        if source is not None and Path(source).is_file() and info.get("sha256") not in (None, _sha256(source)):
+            log(f"note: {source}, which {adapter_dir} was trained on, changed since; whether the evaluated rows "
+                "hold its training rows could not be checked")
+            return
     try:
         trained = data_mod.load_dataset(
-            data, agreement=run.get("agreement", "50"), protocol=run.get("split_protocol", "seed"),
+            source, agreement=run.get("agreement", "50"), protocol=run.get("split_protocol", "seed"),
             train_per_class=run.get("train_per_class", 300), test_per_class=run.get("test_per_class", 300),
             seed=run.get("seed", 42), labels=data_mod.parse_label_set(run.get("labels", cfg.labels)),
-            skip_bad_rows=run.get("skip_bad_rows", False)).train
+            skip_bad_rows=run.get("skip_bad_rows", False))
     except (ValueError, OSError) as err:  # the run's data moved, or no Hub: say what could not be checked
         log(f"note: could not rebuild the training split of {adapter_dir} to check that no evaluated row is "
             f"in it ({err})")
         return
-    texts = {example.text for example in trained}
+    texts = {example.text for example in trained.train}
     overlap = sum(example.text in texts for example in examples)
     if overlap:
         raise ValueError(
             f"{overlap} of the {len(examples)} {cfg.split} rows are training rows of {adapter_dir}, whose run "
-            f"split its data with --split-protocol {run.get('split_protocol')} --seed {run.get('seed')} "
-            f"(data {run.get('data')}); evaluate with the run's settings (see {run_dir / 'run_config.json'})")
+            f"split its data with protocol {trained.info.protocol} and seed {run.get('seed')} (data "
+            f"{run.get('data')}); evaluate with the run's settings (see {run_dir / 'run_config.json'})")
+
+
+def note_other_tokens(adapter_dir: str, formatter, log) -> None:
+    """The prompts and labels of this evaluation tokenize as in the adapter's training run (template,
+    prompt format, tokenizer and minilora version all in one)."""
+    found = _training_run(adapter_dir)
+    recorded = found[1].get("prompt_tokens_sha256") if found else None
+    if recorded not in (None, tokens_fingerprint(formatter)):
+        log(f"note: {adapter_dir} was trained on other prompt or label tokens than this evaluation's (another "
+            "--prompt-template, --prompt-format or --labels?); its scores here may not be what it learned")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
@@ -121,10 +156,12 @@ def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:
     if not examples:
         raise ValueError(f"the {cfg.split} split is empty")
     for adapter_dir in cfg.adapter:
-        check_against_training_run(adapter_dir, cfg, examples, log)
+        check_against_training_run(adapter_dir, cfg, examples, splits.info, log)
     loaded, tokenizer = build_model(cfg.model, device, dtype, cfg.qlora)
     model = loaded.model
     formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)
+    for adapter_dir in cfg.adapter:
+        note_other_tokens(adapter_dir, formatter, log)
     out = Path(cfg.output_dir)
     meta = {"model": cfg.model, "data": cfg.data, "labels": list(splits.info.labels), "split": cfg.split,
             "split_protocol": splits.info.protocol, "seed": cfg.seed, "rows": len(examples), "limit": cfg.limit,

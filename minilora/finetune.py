@@ -28,7 +28,8 @@ from .quant import quantize_module_nf4
 from .recompute import CHECKPOINT_POLICIES
 from .report import atomic_write
 from .scoring import label_logprobs, predict_labels
-from .run_folder import check_output_dir, check_same_data, prepare_output_dir, prompt_fingerprint
+from .run_folder import (check_output_dir, check_same_data, check_same_tokens, prepare_output_dir,
+                         prompt_fingerprint, tokens_fingerprint)
 from .run_state import RunError
 from .tokenizer import Tokenizer
 from .trainer import LoopConfig, train
@@ -200,6 +201,8 @@ def _run(cfg: RunConfig, log, held: ExitStack) -> dict:
     formatter = make_formatter(tokenizer, cfg.prompt_format, cfg.prompt_template, splits.info.labels)
     log(f"model: {cfg.model} ({loaded.config.model_type}, {dtype}, {device}{', NF4' if cfg.qlora else ''}); "
         f"prompt format: {'chat template' if formatter.chat else 'plain'}")
+    if cfg.resume:
+        check_same_tokens(Path(cfg.output_dir), formatter)
 
     train_examples = [formatter.tokenize(ex.text, ex.label) for ex in splits.train]
     lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in train_examples]
@@ -213,7 +216,8 @@ def _run(cfg: RunConfig, log, held: ExitStack) -> dict:
     weights = data_mod.class_weights(splits.train, splits.info.labels, cfg.class_weights)  # may refuse the split
     out = prepare_output_dir(cfg, held)  # nothing was written before this point
     # cwd: where relative paths start from, so that a --resume from another folder compares the same files
-    saved = {**asdict(cfg), "cwd": os.getcwd(), "prompt_sha256": prompt_fingerprint(cfg.prompt_template)}
+    saved = {**asdict(cfg), "cwd": os.getcwd(), "prompt_sha256": prompt_fingerprint(cfg.prompt_template),
+             "prompt_tokens_sha256": tokens_fingerprint(formatter)}
     atomic_write(out / "run_config.json", json.dumps(saved, indent=2, default=str))
     atomic_write(out / "data_info.json", json.dumps(asdict(splits.info), indent=2, default=str))
 

@@ -103,12 +103,17 @@ class PromptFormatter:
         label, plus what the template puts before it (' positive' in Llama 2's '[/INST] positive </s>')."""
         user = [{"role": "user", "content": self.template.replace("{text}", "x")}]
         header = self.tokenizer.apply_chat_template(user, add_generation_prompt=True)
-        turn = self.tokenizer.apply_chat_template(user + [{"role": "assistant", "content": label}],
-                                                  add_generation_prompt=False)
-        if not turn.startswith(header) or label not in turn[len(header):]:
+
+        def turn(content: str) -> str:
+            return self.tokenizer.apply_chat_template(user + [{"role": "assistant", "content": content}],
+                                                      add_generation_prompt=False)
+
+        marker = "\u2063ANSWER\u2063"  # found where the content goes, whatever text the label also is
+        marked = turn(marker)
+        if not marked.startswith(header) or marker not in marked[len(header):]:
             return label  # a template that renders the turn otherwise: the label as it is
-        rest = turn[len(header):]
-        return rest[: rest.index(label) + len(label)]
+        answer = marked[len(header):].split(marker, 1)[0] + label
+        return answer if turn(label).startswith(header + answer) else label  # else it rewrites the content
 
     def prompt_text(self, text: str) -> str:
         if "\n" in text or "\r" in text:  # the template promises one line of text before the answer

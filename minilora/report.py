@@ -230,6 +230,7 @@ def write_report(
         picture = plot_confusion_matrix(metrics, run_name)
         written["confusion_matrix"] = atomic_write(out / "confusion_matrix.png", picture)
     except ImportError as err:  # a broken matplotlib costs the picture, not the evaluation
+        (out / "confusion_matrix.png").unlink(missing_ok=True)  # an earlier evaluation's, which would mislead
         print(f"note: no confusion_matrix.png in {out} (matplotlib: {err})", file=sys.stderr)
     written["summary"] = atomic_write(out / "summary.md", summary_markdown(report))
     return written

@@ -86,6 +86,25 @@ def prompt_fingerprint(template_file: str | None) -> str:
     return hashlib.sha256(load_template(template_file).encode("utf-8")).hexdigest()
 
 
+def tokens_fingerprint(formatter) -> str:
+    """sha256 of what the prompts and answers tokenize to: a sample prompt, every label's tokens and the
+    stop token (run_config.json's prompt_tokens_sha256). The template text alone does not tell a tokenizer
+    or a minilora version that turns the same text into other tokens."""
+    tokens = {"prompt": formatter.prompt_ids("x"), "labels": formatter.label_ids, "stop": formatter.stop_id}
+    return hashlib.sha256(json.dumps(tokens, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def check_same_tokens(out: Path, formatter) -> None:
+    """--resume: the rest of the run trains on the same prompt and answer tokens as its first steps."""
+    try:
+        previous = json.loads((out / "run_config.json").read_text()).get("prompt_tokens_sha256")
+    except (OSError, ValueError):
+        return
+    if previous not in (None, tokens_fingerprint(formatter)):
+        raise RunError(f"--resume: the prompts or labels of the run in {out} tokenize otherwise now (another "
+                       "tokenizer, prompt format or minilora version); start another run")
+
+
 def check_same_data(out: Path, info: data_mod.DataInfo) -> None:
     """--resume: the rows must be the ones the run started with (same file content, same splits)."""
     try:

@@ -90,8 +90,11 @@ def plan_steps(lengths: list[int], cfg: LoopConfig, sample_order=None) -> list[l
     while cfg.max_steps > 0 and len(steps) < cfg.max_steps or epoch < n_epochs and cfg.max_steps <= 0:
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, sample_order)
         if cfg.max_steps <= 0 and epoch == n_epochs - 1 and cfg.epochs % 1:  # fractional last epoch
-            # HF Trainer's count, ceil(epochs * batches per epoch); round() first drops float noise (100 * 0.3)
-            batches = batches[: max(1, math.ceil(round(len(batches) * (cfg.epochs % 1), 6)))]
+            # HF Trainer's count of optimizer steps, ceil(fraction * steps per epoch); round() first drops
+            # float noise (100 * 0.3)
+            steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+            last_steps = max(1, math.ceil(round(steps_per_epoch * (cfg.epochs % 1), 6)))
+            batches = batches[: last_steps * cfg.grad_accum]
         steps.extend(batches[s : s + cfg.grad_accum] for s in range(0, len(batches), cfg.grad_accum))
         epoch += 1
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps

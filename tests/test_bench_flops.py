@@ -131,7 +131,8 @@ def test_benchmark_numbers_are_checked_before_any_worker_runs():
     for parse, text, message in ((float_in(0, 1), "2", r"must be in \[0, 1\], found 2.0"),
                                  (float_in(0, 1, high_open=True), "1", r"must be in \[0, 1\), found 1.0"),
                                  (float_in(0, low_open=True), "0", r"must be in \(0, inf\], found 0.0"),
-                                 (float_in(0), "x", r"'x' is not a number")):
+                                 (float_in(0), "x", r"'x' is not a number"),
+                                 (float_in(0), "inf", r"'inf' is not a finite number")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
 
@@ -146,7 +147,8 @@ def test_a_repeated_benchmark_configuration_is_refused(monkeypatch, capsys):
     bench_train = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_train", bench_train)
     spec.loader.exec_module(bench_train)
-    with pytest.raises(SystemExit):
-        bench_train.parse_args(["--configs", "mlp,selective,mlp"])
-    assert "--configs: a configuration is repeated" in capsys.readouterr().err
+    for configs in ("mlp,selective,mlp", "selective+qlora+once,selective+once+qlora"):
+        with pytest.raises(SystemExit):
+            bench_train.parse_args(["--configs", configs])
+        assert "--configs: a configuration is repeated" in capsys.readouterr().err
     assert [c for c in bench_train.parse_args(["--configs", "mlp,mlp+share"]).configs] == [("mlp",), ("mlp", "share")]

@@ -311,6 +311,7 @@ def test_predict_cli_prints_label_and_probabilities(setup, capsys):
 def test_an_adapter_is_not_evaluated_on_the_rows_its_run_trained_on(setup, tmp_path):
     """eval.py's defaults (--seed 42, the seed protocol) split another run's data otherwise: 28 of 45 "test"
     rows were a probe's adapter's training rows, with no word said."""
+    import hashlib
     import json
     import shutil
 
@@ -323,11 +324,27 @@ def test_an_adapter_is_not_evaluated_on_the_rows_its_run_trained_on(setup, tmp_p
     (run / "run_config.json").write_text(json.dumps({
         "data": data.name, "cwd": str(tmp_path), "split_protocol": "standard", "seed": 7, "agreement": "50",
         "train_per_class": 300, "test_per_class": 300, "labels": "positive,neutral,negative",
-        "skip_bad_rows": False, "prompt_format": "plain", "qlora": False}))
+        "skip_bad_rows": False, "prompt_format": "auto", "qlora": False, "prompt_tokens_sha256": "0" * 64}))
     settings = dict(data=str(data), adapter=[str(run / "adapter")], split_protocol="standard", baseline=False)
-    with pytest.raises(ValueError, match=r"of the 6 test rows are training rows of .*run/adapter, whose run split "
-                                         r"its data with --split-protocol standard --seed 7"):
+    refused = r"of the 6 test rows are training rows of .*run/adapter, whose run split its data with protocol " \
+              r"standard and seed 7"
+    with pytest.raises(ValueError, match=refused):
         run_comparison(_cfg(setup, tmp_path / "out", **settings), **QUIET)
     lines = []
-    run_comparison(_cfg(setup, tmp_path / "out", seed=7, **settings), log=lines.append)  # the run's own split
-    assert any("was trained with --prompt-format 'plain', this evaluation uses 'auto'" in line for line in lines)
+    run_comparison(_cfg(setup, tmp_path / "out", seed=7, labels=" Positive, neutral,negative", **settings),
+                   log=lines.append)  # the run's own split; the same label set, spelled otherwise
+    assert any("was trained on other prompt or label tokens than this evaluation's" in line for line in lines)
+    assert not any("was trained with the labels" in line for line in lines)
+
+    # the run's data recorded by its sha256: the same file elsewhere is checked, an edited one is named
+    (run / "data_info.json").write_text(json.dumps({"sha256": hashlib.sha256(data.read_bytes()).hexdigest()}))
+    moved = tmp_path / "moved.csv"
+    data.rename(moved)
+    with pytest.raises(ValueError, match=refused):
+        run_comparison(_cfg(setup, tmp_path / "out", **{**settings, "data": str(moved)}), **QUIET)
+    shutil.copy(moved, data)
+    with data.open("a") as f:
+        f.write("w90 w91,positive\n")
+    lines = []  # the edited file: its split is another, and the run's rows cannot be rebuilt from it
+    run_comparison(_cfg(setup, tmp_path / "out", **settings), log=lines.append)
+    assert any("unsplit.csv, which" in line and "changed since" in line for line in lines)

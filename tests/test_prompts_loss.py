@@ -196,3 +196,14 @@ def test_a_template_files_trailing_newline_and_spaces_are_dropped(tmp_path):
     path = tmp_path / "template.txt"
     path.write_text("Sentiment of [{text}] =  \n")
     assert load_template(path) == "Sentiment of [{text}] ="
+
+
+def test_a_chat_label_is_cut_where_the_content_goes_not_where_its_text_first_appears(tmp_path):
+    """A label named like text the template writes before an answer ('assistant' in '[assistant] ')."""
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} <eot> {% else %}"
+                "[assistant] {{ m['content'] }} <eot> {% endif %}{% endfor %}")
+    write_tiny_tokenizer(tmp_path, 160, chat_template=template)
+    tok = Tokenizer(tmp_path)
+    fmt = PromptFormatter(tok, template="{text}", chat=True, labels=("assistant", "positive"))
+    assert fmt._chat_answer("assistant") == "[assistant] assistant"  # was '[assistant'
+    assert fmt._chat_answer("positive") == "[assistant] positive"

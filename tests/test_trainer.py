@@ -61,6 +61,8 @@ def test_a_fractional_epoch_counts_as_hf_trainer_does():
     for epochs, steps in ((1.5, 170), (0.5, 57), (2.25, 255)):
         assert len(plan_steps([5] * 900, LoopConfig(batch_size=8, epochs=epochs))) == steps
     assert len(plan_steps([5] * 100, LoopConfig(batch_size=1, epochs=0.3))) == 30  # 100 * 0.3 is 30.000000000000004
+    # optimizer steps, not micro-batches: 7 batches in 3 steps per epoch, 0.7 of them is ceil(2.1) = 3 steps
+    assert len(plan_steps([5] * 7, LoopConfig(batch_size=1, grad_accum=3, epochs=0.7))) == 3
 
 
 def test_the_reported_loss_is_the_mean_nll_even_when_position_0_is_labelled(tiny_dir):
@@ -290,6 +292,20 @@ def test_resume_refuses_a_prompt_template_whose_text_changed(tiny_dir, tiny_csv,
     run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)
     template.write_text("w2 [{text}] =")
     with pytest.raises(RunError, match=r"--resume: the prompt template's text differs from the one the run in"):
+        run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)
+
+
+def test_resume_refuses_prompts_that_tokenize_otherwise_now(tiny_dir, tiny_csv, tmp_path):
+    """The same template text can give other tokens (another tokenizer file, or a minilora version that cuts
+    label tokens otherwise): run_config.json's prompt_tokens_sha256 tells."""
+    out = tmp_path / "run"
+    settings = dict(max_steps=1, eval_every=0, save_every=0)
+    run(_cfg(tiny_dir, tiny_csv, out, **settings), log=lambda line: None)
+    saved = json.loads((out / "run_config.json").read_text())
+    assert len(saved["prompt_tokens_sha256"]) == 64
+    run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)  # the same tokens
+    (out / "run_config.json").write_text(json.dumps({**saved, "prompt_tokens_sha256": "0" * 64}))
+    with pytest.raises(RunError, match=r"--resume: the prompts or labels of the run in .* tokenize otherwise now"):
         run(_cfg(tiny_dir, tiny_csv, out, resume=True, **settings), log=lambda line: None)
 
 
