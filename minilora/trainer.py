@@ -27,7 +27,7 @@ from .lora import adapter_parameters, adapter_state_dict
 from .loss import completion_loss
 from .model import CausalLM
 from .prompts import Batch, TokenizedExample, collate, common_prefix_length
-from .run_state import find_checkpoint, load_state, save_checkpoint, set_rng_state
+from .run_state import RunError, find_checkpoint, load_state, save_checkpoint, set_rng_state
 
 @dataclass
 class LoopConfig:
@@ -151,6 +151,9 @@ def train(
                 named[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
+        if state.get("total_steps", total_steps) != total_steps:  # older checkpoints do not record it
+            raise RunError(f"--resume: the run in {out_dir} planned {state['total_steps']} steps and would now plan "
+                           f"{total_steps} (its learning-rate schedule would change midway); start another run")
         start_step, best, loss_value = state["step"], state["best"], state.get("loss", float("nan"))
         _restore_best(best, model, out_dir, base_model)
         elapsed_before = state.get("elapsed_s", 0.0)
@@ -196,7 +199,7 @@ def train(
             # before the validation and the metrics line, so that a failing validation costs no training;
             # the step's record waits in the checkpoint, and a resume runs that validation and writes it
             extra = {"best": best, "record": record, "pending_validation": validating, "loss": step_loss,
-                     "elapsed_s": elapsed_before + elapsed}
+                     "total_steps": total_steps, "elapsed_s": elapsed_before + elapsed}
             save_checkpoint(checkpoint_dir, model, optimizer, done, extra, base_model)
         if validating:
             best = _validate_into(record, model, validate, best, out_dir, base_model, log)

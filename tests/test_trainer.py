@@ -964,3 +964,22 @@ def test_a_resume_puts_back_the_best_adapter_of_its_own_trajectory(tiny_dir, tin
     resumed = load_file(out / "best" / "adapter_model.safetensors")
     assert all(torch.equal(resumed[key], straight[key]) for key in straight)  # step 2's, as the run's record says
     assert not all(torch.equal(resumed[key], interrupted_best[key]) for key in straight)
+
+
+def test_resume_refuses_a_step_plan_that_changed(tiny_dir, tiny_csv, tmp_path):
+    """The same flags can plan another number of steps in another minilora version (fractional epochs were
+    rounded otherwise): the rest of the run would follow another learning-rate schedule."""
+    out = tmp_path / "run"
+
+    def crash_at_step_3(line):
+        if line.startswith("step 3/4"):
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(_cfg(tiny_dir, tiny_csv, out), log=crash_at_step_3)
+    path = out / "checkpoint" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    assert state["total_steps"] == 4
+    torch.save({**state, "total_steps": 5}, path)
+    with pytest.raises(RunError, match=r"--resume: the run in .* planned 5 steps and would now plan 4"):
+        run(_cfg(tiny_dir, tiny_csv, out, resume=True), log=lambda line: None)
