@@ -24,7 +24,7 @@ from .metrics import classification_metrics
 from .model import CausalLM
 from .prompts import PromptFormatter
 from .report import write_report
-from .scoring import label_logprobs, predict_labels
+from .scoring import check_context, label_logprobs, predict_labels
 
 METHODS = ("score", "generate")
 INT8_CALIBRATION_ROWS = 32  # fp32 rows that calibrate int8 (`int8`); 16 moved the log-probabilities 1.5x as much
@@ -89,6 +89,7 @@ def _predict(model: CausalLM, formatter: PromptFormatter, texts: list[str], *, m
         return predict_labels(logprobs, formatter.labels), logprobs, None
     stop_ids = {formatter.stop_id, formatter.tokenizer.eos_id} | formatter.tokenizer.newline_ids
     prompts = [formatter.prompt_ids(t) for t in texts]
+    check_context(model, prompts, texts, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths per batch
     generated = [""] * len(texts)
     for start in range(0, len(order), batch_size):

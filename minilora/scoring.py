@@ -44,6 +44,7 @@ def label_logprobs(
     model.eval()
     prompts = [formatter.prompt_ids(t) for t in texts]
     label_ids = [formatter.scored_ids[label] for label in formatter.labels]
+    check_context(model, prompts, texts, max(len(ids) for ids in label_ids))
     prefix_len = shared_prompt_prefix(prompts) if share_prefix else 0
     prefix_cache = None
     if prefix_len > 0:
@@ -66,6 +67,18 @@ def label_logprobs(
         first[start : start + HEAD_ROWS] = head_log_probs_at(model, last_hidden[start : start + HEAD_ROWS],
                                                              first_tokens).cpu()
     return first + continuation
+
+
+def check_context(model: CausalLM, prompts: list[list[int]], texts: list[str], answer_tokens: int) -> None:
+    """Positions past max_position_embeddings were never trained (RoPE runs on, but the model has not
+    seen them): a prompt that long is named rather than scored."""
+    if not prompts:
+        return
+    limit = model.config.max_position_embeddings
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) + answer_tokens > limit:
+        raise ValueError(f"a prompt of {len(prompts[longest])} tokens and {answer_tokens} answer tokens is longer "
+                         f"than the model's max_position_embeddings {limit}: {texts[longest][:60]!r}")
 
 
 def shared_prompt_prefix(prompts: list[list[int]]) -> int:

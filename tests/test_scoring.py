@@ -175,3 +175,14 @@ def test_generate_refuses_an_empty_prompt(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match=r"prompts \[1\] are empty: each needs at least one token"):
         generate(model, [[5, 6, 7], []], 3, {2}, 0)
+
+
+@pytest.mark.parametrize("method", ["score", "generate"])
+def test_a_prompt_longer_than_the_models_positions_is_named(tiny, method):
+    """The tiny models know 256 positions: a 300-word row was scored on positions they never saw."""
+    model, tok = tiny
+    fmt = PromptFormatter(tok)
+    long_text = " ".join(f"w{i % 90}" for i in range(300))
+    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens and \d+ answer tokens is longer than the "
+                                         r"model's max_position_embeddings 256: 'w0 w1 w2"):
+        predict(model, fmt, ["w1 w2", long_text], method, batch_size=2)
