@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from .adapter_config import CONFIG_NAME, VARIANT_FIELD, read_adapter_config
 from .checkpoint import IMAGE_PREFIXES, TEXT_DECODER_PREFIXES
-from .gguf import ABANDONED_AFTER_S
+from .gguf import remove_old_temporaries
 from .lora import (
     ADAPTER_VARIANTS,
     LoRALinear,
@@ -91,13 +90,8 @@ SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # its Rust `tempfile
 def _remove_abandoned_temporaries(folder: Path) -> None:
     """safetensors (0.8) writes through its own hidden `.tmpXXXXXX` beside the target, which a kill leaves
     behind for good (model-sized in an export's folder): remove those old enough to be nobody's write."""
-    for leftover in folder.glob(".tmp*"):
-        try:
-            if (SAFETENSORS_TEMPORARY.fullmatch(leftover.name) and leftover.is_file()
-                    and time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S):
-                leftover.unlink()
-        except OSError:  # removed meanwhile
-            pass
+    remove_old_temporaries(path for path in folder.glob(".tmp*")
+                           if SAFETENSORS_TEMPORARY.fullmatch(path.name) and path.is_file())
 
 
 def _write_json(path: Path, obj: dict) -> None:

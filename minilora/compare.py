@@ -6,7 +6,6 @@ with check_merge, merged and evaluated again: merging must not change prediction
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from .lora import lora_modules, merge_adapters, remove_adapters
 from .prompts import load_template
 from .quant import dequantize_nf4
 from .report import atomic_write, comparison_table
-from .run_folder import tokens_fingerprint
+from .run_folder import resolved_setting, tokens_fingerprint
 
 
 @dataclass
@@ -89,10 +88,10 @@ def check_against_training_run(adapter_dir: str, cfg: EvalConfig, examples: list
     if info.get("sha256") == data_info.sha256:  # the same file as this evaluation's, wherever it lies now
         source = cfg.data
     else:
-        source = run.get("data")
-        if source is not None and not Path(source).is_absolute():
-            source = str(Path(run.get("cwd", ".")) / source)
-        if source is not None and Path(source).is_file() and info.get("sha256") not in (None, _sha256(source)):
+        source = resolved_setting("data", run.get("data"), Path(run.get("cwd", ".")))
+        edited = source is not None and Path(source).is_file() and info.get("sha256") not in (
+            None, data_mod.file_sha256(source))
+        if edited:
             log(f"note: {source}, which {adapter_dir} was trained on, changed since; whether the evaluated rows "
                 "hold its training rows could not be checked")
             return
@@ -123,14 +122,6 @@ def note_other_tokens(adapter_dir: str, formatter, log) -> None:
     if recorded not in (None, tokens_fingerprint(formatter)):
         log(f"note: {adapter_dir} was trained on other prompt or label tokens than this evaluation's (another "
             "--prompt-template, --prompt-format or --labels?); its scores here may not be what it learned")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_comparison(cfg: EvalConfig, log=print) -> dict[str, dict]:

@@ -454,8 +454,13 @@ def _given_splits(rows: Rows) -> tuple[list[Example], list[Example], list[Exampl
     return parts["train"], parts["validation"], parts["test"]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256 (data_info.json's; the packaged models' cache keys), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _counts(examples: list[Example], labels: tuple[str, ...]) -> dict[str, int]:
@@ -516,7 +521,7 @@ def load_dataset(
     check_disjoint({"train": train, "validation": validation, "test": test})
     info = DataInfo(
         source=rows.source,
-        sha256=_sha256(Path(rows.path)),
+        sha256=file_sha256(rows.path),
         agreement=None if is_table else _agreement_of(rows.source),
         protocol=protocol,
         seed=seed,

@@ -467,7 +467,12 @@ ABANDONED_AFTER_S = 3600  # a conversion or an assembly takes about a minute: an
 def remove_abandoned(target: Path) -> None:
     """Temporaries `.<target name>.*` of writes killed before their cleanup ran (SIGKILL, OOM): a
     conversion's folder (Gemma's is ~1 GB) or an assembled GGUF's partial file (up to 253 MB)."""
-    for leftover in target.parent.glob(f".{target.name}.*"):
+    remove_old_temporaries(target.parent.glob(f".{target.name}.*"))
+
+
+def remove_old_temporaries(paths) -> None:
+    """Remove the temporary files / folders among `paths` that are too old to be a running write's."""
+    for leftover in paths:
         try:
             if time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S:
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()

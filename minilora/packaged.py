@@ -12,13 +12,13 @@ so a second call finds the folder and returns it without converting again.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
 import sys
 from pathlib import Path
 
+from .data import file_sha256
 from .gguf import convert_gguf, is_converted, remove_abandoned
 
 # short name -> (pip package, description)
@@ -99,8 +99,4 @@ def _assembled(chunked) -> Path:
 
 def _file_key(path: Path) -> str:
     """First 12 hex digits of the file's sha256: a new file version gets a new folder."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]

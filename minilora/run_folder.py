@@ -57,7 +57,7 @@ def check_output_dir(cfg: RunConfig) -> Path:
         changed = {}
         for key, value in asdict(cfg).items():
             if key not in ignore and key in previous:
-                before, now = _compared(key, previous[key], then), _compared(key, value, Path.cwd())
+                before, now = resolved_setting(key, previous[key], then), resolved_setting(key, value, Path.cwd())
                 if before != now:
                     changed[key] = (before, now)
         if changed:
@@ -118,7 +118,7 @@ def check_same_data(out: Path, info: data_mod.DataInfo) -> None:
                        f"{out / 'data_info.json'}); resume with the same --data, or start another run")
 
 
-def _compared(key: str, value, cwd: Path):
+def resolved_setting(key: str, value, cwd: Path):
     """A setting as --resume compares it: a path setting that names an existing file or folder from its
     run's working directory is that file's absolute path ("runs/x" from /a and "/a/runs/x/" are one
     folder); anything else (a Hub id, a packaged name, a number) as it is."""
